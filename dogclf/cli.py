@@ -1,0 +1,75 @@
+"""`dogclf` command line. `dogclf train` and `python app.py` share one parser and one entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from dogclf.config import ConfigError, JobConfig, load_job
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", default="gmlp", help="job spec: jobs/<mode>.yaml (gmlp, basic-mlp) or a .yaml path")
+    parser.add_argument("--data", help="data root, one sub-folder per class (default: the job spec's data.root)")
+    parser.add_argument("--output", help="output root; the run directory is <output>/<name> (default: spec's output)")
+    parser.add_argument("--name", help="run name (default: the job spec's name); an existing run with a checkpoint "
+                        "is resumed")
+    parser.add_argument("--max-epochs", type=int, help="number of epochs (default: the job spec's trainer.max_epochs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any job-spec field, e.g. --set model.preset=gmlp-ti --set optim.lr=3e-4 "
+                        "(repeatable)")
+
+
+def job_from_args(args: argparse.Namespace) -> JobConfig:
+    """The job spec of `--mode` with the convenience flags and `--set` overrides applied (flags first)."""
+    flags = {"data.root": args.data, "output": args.output, "name": args.name, "trainer.max_epochs": args.max_epochs}
+    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None] + args.overrides
+    return load_job(args.mode, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from dogclf.train import results_table, train
+
+    cfg = job_from_args(args)
+    start = time.perf_counter()
+    metrics = train(cfg)
+    minutes = (time.perf_counter() - start) / 60
+    print()
+    print(results_table([metrics]))
+    recall = ", ".join(f"{name} {value:.2f}" for name, value in metrics["test_per_class_recall"].items())
+    print(f"\nTest recall per class: {recall}")
+    print(f"Run directory: {metrics['run_dir']}  ({minutes:.1f} min)")
+    print(f"Watch it with: tensorboard --logdir {metrics['run_dir']}/tb")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dogclf", description="Tell white dog breeds apart with gMLP or an MLP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train locally on one device (resumes an existing run)")
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train)
+    return parser
+
+
+def run(handler, args: argparse.Namespace) -> int:
+    """Call a command handler; a user error is one line on stderr and exit status 2, never a traceback."""
+    from dogclf.data import DataError
+
+    try:
+        return handler(args)
+    except (*USER_ERRORS, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The LightningModule: what to learn. It knows the model, the loss, the optimiser and the metrics —
+nothing about data locations, devices or clusters."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from dogclf.metrics import classification_metrics
+from dogclf.models import create_model
+
+EVAL_STAGES = ("val", "test")
+MODEL_OVERRIDES = ("drop_path_rate", "attn_dim", "hidden_sizes", "dropout")  # model config fields passed to the preset
+
+
+def model_overrides(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `model` config fields that override preset arguments (None keeps the preset's value)."""
+    return {key: model_cfg[key] for key in MODEL_OVERRIDES}
+
+
+class DogClassifier(pl.LightningModule):
+    """Image classifier over `classes` with any registered model preset.
+
+    `model_cfg` and `optim_cfg` are the `model` and `optim` sections of the job config as plain dicts,
+    so `DogClassifier.load_from_checkpoint(path)` rebuilds the same network without the job spec.
+    """
+
+    def __init__(self, *, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], classes: list[str], image_size: int):
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # the trainer logs the whole job config as hparams at the end
+        self.classes = list(classes)
+        self.optim_cfg = optim_cfg
+        self.model = create_model(
+            model_cfg["preset"],
+            num_classes=len(classes),
+            image_size=image_size,
+            **model_overrides(model_cfg),
+        )
+        decay = optim_cfg.get("ema_decay")
+        # EMA weights live in the module so checkpoints, resume and load_from_checkpoint carry them for free.
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+        )
+        self.confusion = torch.nn.ModuleDict(
+            {stage: MulticlassConfusionMatrix(num_classes=len(classes)) for stage in EVAL_STAGES}
+        )
+        self.eval_results: dict[str, dict[str, Any]] = {}  # stage -> {"loss", "confusion", metrics...}
+        self._eval_loss: dict[str, list[torch.Tensor]] = {stage: [] for stage in EVAL_STAGES}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, num_classes) logits; evaluation uses the EMA weights when EMA is on."""
+        if self.ema is not None and not self.training:
+            return self.ema.module(images)
+        return self.model(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.optim_cfg["label_smoothing"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.numel())
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        images, labels = batch
+        logits = self(images).float()
+        # Unsmoothed cross-entropy: the honest loss of the predicted distribution.
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        self._eval_loss[stage].append(torch.stack([loss.detach(), torch.tensor(labels.numel(), device=loss.device)]))
+        self.confusion[stage].update(logits.argmax(dim=1), labels)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        confusion = self.confusion[stage].compute()  # summed over ranks
+        self.confusion[stage].reset()
+        loss_sum, count = torch.stack(self._eval_loss[stage]).sum(dim=0)
+        self._eval_loss[stage].clear()
+        loss_sum, count = self.all_gather(torch.stack([loss_sum, count])).reshape(-1, 2).sum(dim=0)
+        metrics = classification_metrics(confusion, self.classes)
+        self.eval_results[stage] = {"loss": (loss_sum / count).item(), "confusion": confusion.cpu(), **metrics}
+        scalars = {"loss": loss_sum / count, **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}}
+        for name in self.classes:
+            if metrics["per_class_support"][name] > 0:  # recall of a class absent from the split is undefined
+                scalars[f"recall/{name}"] = metrics["per_class_recall"][name]
+            scalars[f"precision/{name}"] = metrics["per_class_precision"][name]
+        # Values are already global (confusion matrix and loss were reduced over ranks): no sync_dist needed.
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in scalars.items()}, prog_bar=False)
+        self.log(f"{stage}/bacc", float(metrics["balanced_accuracy"]), prog_bar=True, logger=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        # No weight decay on norms, biases and the SGU gate bias (1-d tensors), as in timm and DeiT.
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = int(total_steps * cfg["warmup_epochs"] / max(1, self.trainer.max_epochs))
+        schedule = warmup_cosine(total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=cfg["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(*, total_steps: int, warmup_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to `min_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

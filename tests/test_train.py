@@ -1,0 +1,122 @@
+"""End-to-end local training on a small subset of the real photos: run directory, TensorBoard, resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dogclf.checkpointing import atomic_torch_save
+from dogclf.config import REPO_ROOT, load_job
+from dogclf.train import resolve_precision, train
+
+TINY = [
+    "model.preset=gmlp-pico",
+    "data.image_size=32",
+    "data.max_per_class=8",
+    "data.batch_size=8",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_epochs=0",
+]
+
+
+def tiny_job(white_dogs, output, *extra):
+    return load_job("gmlp", [*TINY, f"data.root={white_dogs}", f"output={output}", "name=tiny", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(white_dogs, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs")
+    metrics = train(tiny_job(white_dogs, output, "trainer.max_epochs=2"))
+    return output / "tiny", metrics
+
+
+def events(run_dir):
+    accumulator = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_run_directory_layout(trained):
+    run_dir, _ = trained
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("best-epoch*.ckpt"))
+    rows = (run_dir / "split.csv").read_text().splitlines()
+    assert rows[0] == "path,class,split,sha1"
+    assert {row.split(",")[2] for row in rows[1:]} == {"train", "val", "test"}
+
+
+def test_metrics_json(trained):
+    run_dir, metrics = trained
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    for key in ["train_loss", "val_loss", "test_loss", "test_accuracy", "test_balanced_accuracy", "test_macro_f1",
+                "test_per_class_recall", "classes", "epochs", "global_step"]:
+        assert key in saved, key
+    assert saved["classes"] == ["bichon_frise", "maltese", "samoyed", "spitz"]
+    assert set(saved["test_per_class_recall"]) == set(saved["classes"])
+    assert saved["epochs"] == 2 and saved["global_step"] == metrics["global_step"] > 0
+    assert 0 <= saved["test_balanced_accuracy"] <= 1 and saved["test_loss"] > 0
+
+
+def test_tensorboard_has_scalars_confusion_matrix_and_hparams(trained):
+    run_dir, _ = trained
+    acc = events(run_dir)
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ["train/loss_step", "train/loss_epoch", "val/loss", "val/balanced_accuracy", "val/macro_f1",
+                "val/recall/samoyed", "val/precision/spitz", "perf/train_images_per_s", "test/balanced_accuracy",
+                "hp/test_balanced_accuracy"]:
+        assert tag in scalars, tag
+    assert any(tag.startswith("lr-AdamW") for tag in scalars)
+    assert "val/confusion_matrix" in acc.Tags()["images"]
+    image = acc.Images("val/confusion_matrix")
+    assert len(image) == 2 and image[0].width > 100  # one per validation epoch
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+
+
+def test_resume_continues_global_step(trained, white_dogs):
+    run_dir, first = trained
+    steps_per_epoch = first["global_step"] // 2
+    metrics = train(tiny_job(white_dogs, run_dir.parent, "trainer.max_epochs=3"))
+    assert metrics["epochs"] == 3
+    assert metrics["global_step"] == first["global_step"] + steps_per_epoch
+    val_steps = [event.step for event in events(run_dir).Scalars("val/loss")]
+    assert val_steps == sorted(set(val_steps)) and len(val_steps) == 3  # no epoch redone or skipped
+
+
+def test_basic_mlp_trains(white_dogs, tmp_path):
+    cfg = load_job("basic-mlp", [*TINY[1:], f"data.root={white_dogs}", f"output={tmp_path}", "trainer.max_epochs=1"])
+    metrics = train(cfg)
+    assert metrics["architecture"] == "basic-mlp" and metrics["epochs"] == 1
+
+
+def test_precision_auto():
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    assert resolve_precision("auto", "cpu") in ("bf16-mixed", "32-true")
+
+
+def test_atomic_save_keeps_old_file_when_write_fails(tmp_path):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+    with pytest.raises((TypeError, AttributeError)):
+        atomic_torch_save({"step": 2, "bad": lambda: None}, path)  # unpicklable: write fails midway
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "/nonexistent/dogs"], "/nonexistent/dogs"),
+        (["--set", "optim.lr"], "has no '='"),
+        (["--set", "model.preset=gmlp-huge"], "gmlp-ti"),
+    ],
+)
+def test_app_user_errors_are_one_line(args, message, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "app.py"), "--output", str(tmp_path), *args],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
