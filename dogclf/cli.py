@@ -18,6 +18,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="run name (default: the job spec's name); an existing run with a checkpoint "
                         "is resumed")
     parser.add_argument("--max-epochs", type=int, help="number of epochs (default: the job spec's trainer.max_epochs)")
+    parser.add_argument("--init-from", metavar="PATH", help="start from weights in PATH: a timm gMLP state dict or a "
+                        "dogclf checkpoint (the head is re-initialised when the class count differs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any job-spec field, e.g. --set model.preset=gmlp-ti --set optim.lr=3e-4 "
                         "(repeatable)")
@@ -25,8 +27,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     """The job spec of `--mode` with the convenience flags and `--set` overrides applied (flags first)."""
-    flags = {"data.root": args.data, "output": args.output, "name": args.name, "trainer.max_epochs": args.max_epochs}
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None] + args.overrides
+    flags = {
+        "data.root": args.data,
+        "output": args.output,
+        "name": args.name,
+        "trainer.max_epochs": args.max_epochs,
+        "model.init_from": args.init_from,
+    }
+    overrides = [(key, value) for key, value in flags.items() if value is not None] + args.overrides
     return load_job(args.mode, overrides)
 
 

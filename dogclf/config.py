@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASS_WEIGHTING = ("none", "inverse", "inverse_sqrt")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,7 @@ class OptimConfig:
     warmup_epochs: float
     min_lr_ratio: float  # cosine floor as a fraction of lr
     label_smoothing: float
+    class_weighting: str  # none | inverse | inverse_sqrt: cross-entropy weights from training-split class counts
     grad_clip: float | None  # max gradient norm; None: off
     ema_decay: float | None  # EMA of weights used for evaluation; None: off
 
@@ -178,6 +180,7 @@ def _validate(cfg: JobConfig) -> None:
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "0 or more"),
         ("optim.min_lr_ratio", 0 <= cfg.optim.min_lr_ratio <= 1, "in [0, 1]"),
         ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "in [0, 1)"),
+        ("optim.class_weighting", cfg.optim.class_weighting in CLASS_WEIGHTING, f"one of {', '.join(CLASS_WEIGHTING)}"),
         ("optim.grad_clip", cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, "null or positive"),
         ("optim.ema_decay", cfg.optim.ema_decay is None or 0 < cfg.optim.ema_decay < 1, "null or in (0, 1)"),
         ("trainer.max_epochs", cfg.trainer.max_epochs > 0, "a positive integer"),
@@ -234,14 +237,16 @@ def job_path(mode: str) -> Path:
     raise ConfigError(f"no job spec for mode {mode!r}: choose one of {', '.join(known)} or pass a .yaml path")
 
 
-def load_job(mode: str, overrides: list[str] | None = None) -> JobConfig:
-    """Load `jobs/<mode>.yaml` (or a YAML path), apply `key=value` overrides, check types and ranges."""
+def load_job(mode: str, overrides: list[str | tuple[str, Any]] | None = None) -> JobConfig:
+    """Load `jobs/<mode>.yaml` (or a YAML path), apply overrides (`"key=value"` strings or `(key, value)` pairs),
+    check types and ranges."""
     path = job_path(mode)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    return config_from_dict(data, [parse_override(o) for o in overrides or []])
+    pairs = [o if isinstance(o, tuple) else parse_override(o) for o in overrides or []]
+    return config_from_dict(data, pairs)
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[tuple[str, Any]] | None = None) -> JobConfig:

@@ -31,7 +31,15 @@ class DogClassifier(pl.LightningModule):
     so `DogClassifier.load_from_checkpoint(path)` rebuilds the same network without the job spec.
     """
 
-    def __init__(self, *, model_cfg: dict[str, Any], optim_cfg: dict[str, Any], classes: list[str], image_size: int):
+    def __init__(
+        self,
+        *,
+        model_cfg: dict[str, Any],
+        optim_cfg: dict[str, Any],
+        classes: list[str],
+        class_counts: list[int],
+        image_size: int,
+    ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the trainer logs the whole job config as hparams at the end
         self.classes = list(classes)
@@ -47,10 +55,13 @@ class DogClassifier(pl.LightningModule):
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
         )
+        self.register_buffer("class_weights", class_weights(class_counts, optim_cfg["class_weighting"]))
         self.confusion = torch.nn.ModuleDict(
             {stage: MulticlassConfusionMatrix(num_classes=len(classes)) for stage in EVAL_STAGES}
         )
         self.eval_results: dict[str, dict[str, Any]] = {}  # stage -> {"loss", "confusion", metrics...}
+        self.train_loss = math.nan  # mean training loss of the last finished epoch, over all ranks
+        self.register_buffer("_train_loss_sum", torch.zeros(2), persistent=False)  # (loss sum, count) this epoch
         self._eval_loss: dict[str, list[torch.Tensor]] = {stage: [] for stage in EVAL_STAGES}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -62,9 +73,23 @@ class DogClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self.model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.optim_cfg["label_smoothing"])
+        loss = F.cross_entropy(
+            logits.float(), labels, weight=self.class_weights, label_smoothing=self.optim_cfg["label_smoothing"]
+        )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.numel())
+        self._train_loss_sum += torch.stack([loss.detach() * labels.numel(), loss.new_tensor(labels.numel())])
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        loss_sum, count = self.all_gather(self._train_loss_sum).reshape(-1, 2).sum(dim=0)
+        self.train_loss = (loss_sum / count).item()
+        self._train_loss_sum.zero_()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["train_loss"] = self.train_loss
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.train_loss = checkpoint.get("train_loss", math.nan)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -122,6 +147,14 @@ class DogClassifier(pl.LightningModule):
         schedule = warmup_cosine(total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=cfg["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def class_weights(counts: list[int], scheme: str) -> torch.Tensor:
+    """Per-class loss weights from training counts n_c: 1, 1/n_c or 1/sqrt(n_c), scaled so that the average
+    weight over training samples is 1 (the loss keeps its scale, so the learning rate means the same)."""
+    n = torch.tensor(counts, dtype=torch.float).clamp(min=1)
+    weights = {"none": torch.ones_like(n), "inverse": 1 / n, "inverse_sqrt": n.rsqrt()}[scheme]
+    return weights * n.sum() / (weights * n).sum()
 
 
 def warmup_cosine(*, total_steps: int, warmup_steps: int, min_ratio: float):

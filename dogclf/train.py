@@ -114,6 +114,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
         model_cfg=spec["model"],
         optim_cfg=spec["optim"],
         classes=data.classes,
+        class_counts=data.train_class_counts,
         image_size=cfg.data.image_size,
     )
     resume = resume_checkpoint(run_dir)
@@ -141,7 +142,6 @@ def train(cfg: JobConfig) -> dict[str, Any]:
 def collect_metrics(cfg: JobConfig, trainer: pl.Trainer, module: DogClassifier, run_dir: Path) -> dict[str, Any]:
     """The final model's numbers (last epoch's weights, EMA when on) for metrics.json and the table."""
     val, test = module.eval_results["val"], module.eval_results["test"]
-    train_loss = trainer.callback_metrics.get("train/loss_epoch")
     checkpoint = trainer.checkpoint_callback
     best_score = checkpoint.best_model_score
     return {
@@ -150,7 +150,7 @@ def collect_metrics(cfg: JobConfig, trainer: pl.Trainer, module: DogClassifier, 
         "classes": module.classes,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "train_loss": float(train_loss) if train_loss is not None else math.nan,
+        "train_loss": module.train_loss,
         "val_loss": val["loss"],
         "val_accuracy": val["accuracy"],
         "val_balanced_accuracy": val["balanced_accuracy"],

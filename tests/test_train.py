@@ -58,7 +58,7 @@ def test_metrics_json(trained):
     assert saved["classes"] == ["bichon_frise", "maltese", "samoyed", "spitz"]
     assert set(saved["test_per_class_recall"]) == set(saved["classes"])
     assert saved["epochs"] == 2 and saved["global_step"] == metrics["global_step"] > 0
-    assert 0 <= saved["test_balanced_accuracy"] <= 1 and saved["test_loss"] > 0
+    assert 0 <= saved["test_balanced_accuracy"] <= 1 and saved["test_loss"] > 0 and saved["train_loss"] > 0
 
 
 def test_tensorboard_has_scalars_confusion_matrix_and_hparams(trained):
@@ -84,6 +84,10 @@ def test_resume_continues_global_step(trained, white_dogs):
     assert metrics["global_step"] == first["global_step"] + steps_per_epoch
     val_steps = [event.step for event in events(run_dir).Scalars("val/loss")]
     assert val_steps == sorted(set(val_steps)) and len(val_steps) == 3  # no epoch redone or skipped
+    # The same command on a finished run trains nothing more and reports the same final numbers.
+    again = train(tiny_job(white_dogs, run_dir.parent, "trainer.max_epochs=3"))
+    assert again["global_step"] == metrics["global_step"] and again["train_loss"] == metrics["train_loss"]
+    assert again["test_loss"] == pytest.approx(metrics["test_loss"])
 
 
 def test_basic_mlp_trains(white_dogs, tmp_path):
