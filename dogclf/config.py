@@ -18,6 +18,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_WEIGHTING = ("none", "inverse", "inverse_sqrt")
+SAMPLERS = ("shuffle", "sqrt", "balanced")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,7 @@ class DataConfig:
     test_fraction: float
     max_per_class: int | None  # keep at most N images of each class (quick runs, tests)
     batch_size: int
+    sampler: str  # shuffle | sqrt | balanced: draw training images uniformly, or with 1/sqrt(n_c) or 1/n_c weights
     num_workers: int
     cache_dir: str | None  # where the decoded uint8 cache is kept on disk; None: memory only
     crop_scale_min: float  # RandomResizedCrop lower scale bound
@@ -164,6 +166,7 @@ def _validate(cfg: JobConfig) -> None:
         ("data.image_size", cfg.data.image_size > 0, "a positive number of pixels"),
         ("data.batch_size", cfg.data.batch_size > 0, "a positive integer"),
         ("data.num_workers", cfg.data.num_workers >= 0, "0 or more"),
+        ("data.sampler", cfg.data.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
         ("data.val_fraction", 0 < cfg.data.val_fraction < 1, "between 0 and 1"),
         ("data.test_fraction", 0 < cfg.data.test_fraction < 1, "between 0 and 1"),
         (

@@ -41,6 +41,7 @@ def data_config(root: Path | str, **overrides) -> DataConfig:
         test_fraction=0.15,
         max_per_class=None,
         batch_size=4,
+        sampler="shuffle",
         num_workers=0,
         cache_dir=None,
         crop_scale_min=0.35,
@@ -309,3 +310,17 @@ def test_color_jitter_keeps_white_fur_white() -> None:
     for _ in range(20):
         pixels = transform(white) * std + mean
         assert pixels.min() > 0.75 and (pixels.amax(0) - pixels.amin(0)).max() < 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["sqrt", "balanced"])
+def test_class_aware_sampler_hits_target_frequencies(white_dogs, sampler):
+    dm = ready(data_config(white_dogs, sampler=sampler, max_per_class=200))
+    counts = torch.tensor(dm.train_class_counts, dtype=torch.double)
+    target = counts.sqrt() if sampler == "sqrt" else torch.ones_like(counts)
+    target /= target.sum()
+    loader = dm.train_dataloader()
+    labels = torch.tensor(dm.datasets["train"].labels)
+    drawn = torch.cat([labels[list(loader.sampler)] for _ in range(40)])
+    assert len(drawn) == 40 * len(labels)  # an epoch is as long as the training split
+    observed = torch.bincount(drawn, minlength=len(counts)).double() / len(drawn)
+    assert torch.allclose(observed, target, atol=0.02), (observed, target)

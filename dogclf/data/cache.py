@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
+
+from dogclf.checkpointing import atomic_torch_save
 
 # Bump when decode_image changes what it produces, so that old cache files are not reused.
 CACHE_VERSION = 1
@@ -56,7 +57,7 @@ def load_images(files: dict[str, Path], short_side: int, cache_dir: str | Path |
     if cached is not None:
         return cached
     images, failures = _decode_all(files, short_side)
-    _write_atomic({"images": images, "failures": failures}, path)
+    atomic_torch_save({"images": images, "failures": failures}, path)  # concurrent ranks race safely
     return images, failures
 
 
@@ -92,18 +93,3 @@ def _read(path: Path, sha1s: Iterable[str]) -> tuple[Images, Failures] | None:
     if set(data["images"]) | set(data["failures"]) != set(sha1s):  # only on a key-prefix collision
         return None
     return data["images"], data["failures"]
-
-
-def _write_atomic(obj: object, path: Path) -> None:
-    """Temp file beside `path`, then rename: readers never see a partial file and concurrent ranks race safely."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

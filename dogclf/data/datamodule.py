@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from dogclf.config import DataConfig
 from dogclf.data.cache import load_images
@@ -80,7 +80,16 @@ class WhiteDogsDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         # drop_last=False: the last partial batch may hold the only images of a rare class.
-        return self._loader("train", shuffle=True, generator=generator, drop_last=False)
+        if self.cfg.sampler == "shuffle":
+            return self._loader("train", shuffle=True, generator=generator, drop_last=False)
+        # Class-aware sampling: one epoch = as many draws (with replacement) as training images, each image drawn
+        # with probability proportional to 1/sqrt(n_c) or 1/n_c of its class (Kang et al. 2020, "decoupling").
+        power = 0.5 if self.cfg.sampler == "sqrt" else 1.0
+        counts = torch.tensor(self.train_class_counts, dtype=torch.double)
+        labels = torch.tensor(self.datasets["train"].labels)
+        weights = counts.pow(-power)[labels]
+        sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+        return self._loader("train", sampler=sampler, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
