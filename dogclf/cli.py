@@ -25,8 +25,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "(repeatable)")
 
 
-def job_from_args(args: argparse.Namespace) -> JobConfig:
-    """The job spec of `--mode` with the convenience flags and `--set` overrides applied (flags first)."""
+def overrides_from_args(args: argparse.Namespace) -> list[str | tuple[str, str]]:
+    """The convenience flags as (key, value) overrides, then the `--set` ones (later wins)."""
     flags = {
         "data.root": args.data,
         "output": args.output,
@@ -34,24 +34,35 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         "trainer.max_epochs": args.max_epochs,
         "model.init_from": args.init_from,
     }
-    overrides = [(key, value) for key, value in flags.items() if value is not None] + args.overrides
-    return load_job(args.mode, overrides)
+    return [(key, value) for key, value in flags.items() if value is not None] + args.overrides
+
+
+def job_from_args(args: argparse.Namespace) -> JobConfig:
+    """The job spec of `--mode` with the convenience flags and `--set` overrides applied."""
+    return load_job(args.mode, overrides_from_args(args))
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dogclf.train import results_table, train
+    from dogclf.train import train
 
     cfg = job_from_args(args)
     start = time.perf_counter()
     metrics = train(cfg)
-    minutes = (time.perf_counter() - start) / 60
+    print_results(metrics, minutes=(time.perf_counter() - start) / 60)
+    return 0
+
+
+def print_results(metrics: dict, minutes: float | None = None) -> None:
+    """The results table, per-class test recall, and where the run lives."""
+    from dogclf.train import results_table
+
     print()
     print(results_table([metrics]))
     recall = ", ".join(f"{name} {value:.2f}" for name, value in metrics["test_per_class_recall"].items())
     print(f"\nTest recall per class: {recall}")
-    print(f"Run directory: {metrics['run_dir']}  ({minutes:.1f} min)")
+    took = f"  ({minutes:.1f} min)" if minutes is not None else ""
+    print(f"Run directory: {metrics['run_dir']}{took}")
     print(f"Watch it with: tensorboard --logdir {metrics['run_dir']}/tb")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

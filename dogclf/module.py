@@ -118,7 +118,8 @@ class DogClassifier(pl.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         confusion = self.confusion[stage].compute()  # summed over ranks
         self.confusion[stage].reset()
-        loss_sum, count = torch.stack(self._eval_loss[stage]).sum(dim=0)
+        parts = self._eval_loss[stage] or [torch.zeros(2, device=self.device)]  # a rank may get no batch at all
+        loss_sum, count = torch.stack(parts).sum(dim=0)
         self._eval_loss[stage].clear()
         loss_sum, count = self.all_gather(torch.stack([loss_sum, count])).reshape(-1, 2).sum(dim=0)
         metrics = classification_metrics(confusion, self.classes)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import Strategy
 
-from dogclf.callbacks import ConfusionMatrixImages, Throughput
+from dogclf.callbacks import ConfusionMatrixImages, EpochSummary, RunEnvironment, Throughput
 from dogclf.checkpointing import AtomicCheckpointIO, resume_checkpoint
 from dogclf.config import ConfigError, JobConfig, save_config
 from dogclf.data import WhiteDogsDataModule
@@ -46,9 +48,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if cpu_has_bf16() else "32-true"
 
 
-def prepare_run_dir(cfg: JobConfig) -> Path:
-    """Create `<output>/<name>` or fail with a message that says how to fix it."""
-    run_dir = Path(cfg.output).expanduser().resolve() / cfg.name
+def default_run_dir(cfg: JobConfig) -> Path:
+    """`<output>/<name>`: where a local run lives (cluster jobs add their job id below it)."""
+    return Path(cfg.output).expanduser().resolve() / cfg.name
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    """Create `run_dir` or fail with a message that says how to fix it."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=run_dir):
@@ -66,8 +72,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def build_trainer(cfg: JobConfig, run_dir: Path) -> pl.Trainer:
-    """Where and how to train: devices, precision, logging, checkpoints."""
+def build_trainer(
+    cfg: JobConfig,
+    run_dir: Path,
+    *,
+    num_nodes: int = 1,
+    strategy: str | Strategy = "auto",
+    plugins: Sequence[Any] = (),
+    callbacks: Sequence[pl.Callback] = (),
+    progress_bar: bool = True,
+) -> pl.Trainer:
+    """Where and how to train: devices and nodes, precision, logging, checkpoints."""
     # Two savers: Lightning 2.6 refreshes `save_last` only when a top-k file is written, so `last.ckpt` gets a
     # saver of its own. Both save after the epoch's validation has finished: a checkpoint written during
     # validation makes the resumed run validate that epoch again.
@@ -86,20 +101,38 @@ def build_trainer(cfg: JobConfig, run_dir: Path) -> pl.Trainer:
         default_root_dir=run_dir,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        # The datamodule shards every loader itself (dogclf.data.sampling): Lightning must not swap its samplers.
+        use_distributed_sampler=False,
         precision=resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
         max_epochs=cfg.trainer.max_epochs,
         gradient_clip_val=cfg.optim.grad_clip,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         logger=TensorBoardLogger(save_dir=run_dir, name="tb", version="", default_hp_metric=False),
-        callbacks=[best, last, LearningRateMonitor(logging_interval="step"), Throughput(), ConfusionMatrixImages()],
-        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            best,
+            last,
+            LearningRateMonitor(logging_interval="step"),
+            Throughput(),
+            ConfusionMatrixImages(),
+            RunEnvironment(run_dir / "env"),
+            *([] if progress_bar else [EpochSummary()]),
+            *callbacks,
+        ],
+        plugins=[AtomicCheckpointIO(), *plugins],
+        enable_progress_bar=progress_bar,
         num_sanity_val_steps=0,
         enable_model_summary=True,
     )
 
 
-def train(cfg: JobConfig) -> dict[str, Any]:
-    """Train `cfg` in `<output>/<name>`, continuing from its last checkpoint if there is one; return the metrics."""
+def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> dict[str, Any]:
+    """Train `cfg` in `run_dir` (default `<output>/<name>`), continuing from its last checkpoint if there is one.
+
+    `placement` (num_nodes, strategy, plugins, callbacks, progress_bar) goes to `build_trainer`; cluster jobs pass it.
+    Returns the metrics (on every rank; rank 0 writes them).
+    """
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -108,8 +141,8 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     create_model(cfg.model.preset, num_classes=2, image_size=cfg.data.image_size, **model_overrides(spec["model"]))
     data = WhiteDogsDataModule(cfg.data, seed=cfg.trainer.seed)
     data.setup()
-    run_dir = prepare_run_dir(cfg)
-    trainer = build_trainer(cfg, run_dir)
+    run_dir = prepare_run_dir(run_dir or default_run_dir(cfg))
+    trainer = build_trainer(cfg, run_dir, **placement)
     module = DogClassifier(
         model_cfg=spec["model"],
         optim_cfg=spec["optim"],

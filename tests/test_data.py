@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import re
 import hashlib
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -320,7 +320,11 @@ def test_class_aware_sampler_hits_target_frequencies(white_dogs, sampler):
     target /= target.sum()
     loader = dm.train_dataloader()
     labels = torch.tensor(dm.datasets["train"].labels)
-    drawn = torch.cat([labels[list(loader.sampler)] for _ in range(40)])
+    drawn = []
+    for epoch in range(40):
+        loader.sampler.set_epoch(epoch)  # as the trainer does
+        drawn.append(labels[list(loader.sampler)])
+    drawn = torch.cat(drawn)
     assert len(drawn) == 40 * len(labels)  # an epoch is as long as the training split
     observed = torch.bincount(drawn, minlength=len(counts)).double() / len(drawn)
     assert torch.allclose(observed, target, atol=0.02), (observed, target)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from dogclf.config import DataConfig
 from dogclf.data.cache import load_images
 from dogclf.data.index import Sample, require_images, scan
+from dogclf.data.sampling import SAMPLER_POWERS, EpochSampler, ShardSampler, class_sampling_weights
 from dogclf.data.split import limit_per_class, split_samples, write_split_csv
 from dogclf.data.transforms import build_eval_transform, build_train_transform, resize_size
 
@@ -49,7 +50,7 @@ class WhiteDogsDataModule(LightningDataModule):
     def __init__(self, cfg: DataConfig, *, seed: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.seed = seed  # shuffling order of the train loader
+        self.seed = seed  # draws the order of every training epoch
         self.root: Path | None = None
         self.classes: list[str] = []
         self.train_class_counts: list[int] = []
@@ -78,24 +79,24 @@ class WhiteDogsDataModule(LightningDataModule):
         write_split_csv(Path(path), self.splits, self.classes, self.root)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        # Class-aware sampling (Kang et al. 2020, "decoupling"): one epoch = as many draws as training images, an
+        # image drawn with probability proportional to 1/sqrt(n_c) (sqrt) or 1/n_c (balanced) of its class n_c.
         # drop_last=False: the last partial batch may hold the only images of a rare class.
-        if self.cfg.sampler == "shuffle":
-            return self._loader("train", shuffle=True, generator=generator, drop_last=False)
-        # Class-aware sampling: one epoch = as many draws (with replacement) as training images, each image drawn
-        # with probability proportional to 1/sqrt(n_c) or 1/n_c of its class (Kang et al. 2020, "decoupling").
-        power = 0.5 if self.cfg.sampler == "sqrt" else 1.0
-        counts = torch.tensor(self.train_class_counts, dtype=torch.double)
-        labels = torch.tensor(self.datasets["train"].labels)
-        weights = counts.pow(-power)[labels]
-        sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+        weights = class_sampling_weights(
+            self.datasets["train"].labels, self.train_class_counts, SAMPLER_POWERS[self.cfg.sampler]
+        )
+        sampler = EpochSampler(weights, seed=self.seed, **self._rank_and_world())
         return self._loader("train", sampler=sampler, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", sampler=ShardSampler(len(self.datasets["val"]), **self._rank_and_world()))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", sampler=ShardSampler(len(self.datasets["test"]), **self._rank_and_world()))
+
+    def _rank_and_world(self) -> dict[str, int]:
+        trainer = self.trainer
+        return {"rank": trainer.global_rank, "world_size": trainer.world_size} if trainer else {}
 
     def _datasets(self, splits: dict[str, list[Sample]], images: dict[str, torch.Tensor]) -> dict[str, CachedImages]:
         cfg = self.cfg
