@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -83,7 +84,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         launcher = "slurm" if env.cluster == "slurm" else "local"
         placement = Placement(str(env.job_id), env.num_nodes, env.num_tasks // env.num_nodes, launcher)
-        return run(self.cfg, placement)
+        result = run(self.cfg, placement)
+        # Finished: a requeue signal that arrives now (the time limit was near) must neither requeue the job nor
+        # kill the process while submitit writes the result (Slurm would then call the job FAILED).
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        return result
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on global rank 0 when the requeue signal (timeout or preemption) arrives.

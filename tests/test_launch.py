@@ -184,6 +184,7 @@ def test_timeout_requeues_and_resumes_without_gaps(slurm, white_dogs, tmp_path):
     for before, after in zip(attempts, attempts[1:]):  # ...and a restart repeats at most one checkpoint interval
         assert max(before) - per_epoch < min(after) <= max(before) + 1
     assert "SLURM_RESTART_COUNT=" in (run_dir / "env").read_text()
+    assert sacct_state(slurm, job_id) == "COMPLETED"
 
 
 def test_sweep_is_one_job_array(slurm, white_dogs, tmp_path):
