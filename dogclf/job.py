@@ -29,9 +29,10 @@ from dogclf.config import ConfigError, JobConfig
 
 @dataclass(frozen=True)
 class Placement:
-    """Where one job runs: its id (names the run directory), nodes, tasks per node, and who launched the tasks."""
+    """Where one job runs: the run id (names the run directory; the job id unless resuming another job's run),
+    nodes, tasks per node, and who launched the tasks."""
 
-    job_id: str
+    run_id: str
     num_nodes: int
     tasks_per_node: int
     launcher: str  # "slurm" (srun started every task) or "local" (submitit's LocalExecutor / DebugExecutor)
@@ -41,8 +42,8 @@ class Placement:
         return self.num_nodes * self.tasks_per_node
 
 
-def run_dir_of(cfg: JobConfig, job_id: str) -> Path:
-    return Path(cfg.output).expanduser().resolve() / cfg.name / job_id
+def run_dir_of(cfg: JobConfig, run_id: str) -> Path:
+    return Path(cfg.output).expanduser().resolve() / cfg.name / run_id
 
 
 def run(cfg: JobConfig, placement: Placement) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def run(cfg: JobConfig, placement: Placement) -> dict[str, Any]:
     recorder = RankRecorder()
     metrics = train(
         cfg,
-        run_dir=run_dir_of(cfg, placement.job_id),
+        run_dir=run_dir_of(cfg, placement.run_id),
         num_nodes=placement.num_nodes,
         strategy="ddp" if placement.world_size > 1 else "auto",
         plugins=[environment],
@@ -75,15 +76,18 @@ def run(cfg: JobConfig, placement: Placement) -> dict[str, Any]:
 
 
 class TrainingJob(submitit.helpers.Checkpointable):
-    """What `launch/submit.py` submits: `TrainingJob(cfg)()` trains `cfg` on the tasks of the current job."""
+    """What `launch/submit.py` submits: `TrainingJob(cfg)()` trains `cfg` on the tasks of the current job in
+    `<output>/<name>/<job id>`; `TrainingJob(cfg, run_id)` continues the run directory of an earlier job."""
 
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: JobConfig, run_id: str | None = None) -> None:
         self.cfg = cfg
+        self.run_id = run_id
 
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
         launcher = "slurm" if env.cluster == "slurm" else "local"
-        placement = Placement(str(env.job_id), env.num_nodes, env.num_tasks // env.num_nodes, launcher)
+        run_id = self.run_id or str(env.job_id)
+        placement = Placement(run_id, env.num_nodes, env.num_tasks // env.num_nodes, launcher)
         result = run(self.cfg, placement)
         # Finished: a requeue signal that arrives now (the time limit was near) must neither requeue the job nor
         # kill the process while submitit writes the result (Slurm would then call the job FAILED).
@@ -97,24 +101,23 @@ class TrainingJob(submitit.helpers.Checkpointable):
         is always whole; saving here instead would wait on a barrier the other ranks never reach. The new attempt
         is a fresh `TrainingJob(cfg)` that finds the newest checkpoint itself, as a node-failure requeue does.
         """
-        job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
-        job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job_id else os.environ.get("SLURM_JOB_ID", "")
-        last = resume_checkpoint(run_dir_of(self.cfg, job_id))
+        run_id = self.run_id or str(submitit.JobEnvironment().job_id)
+        last = resume_checkpoint(run_dir_of(self.cfg, run_id))
         if last is None:
             print("requeue: no checkpoint yet, the next attempt starts from the beginning", flush=True)
         else:
             age = time.time() - last.stat().st_mtime
             print(f"requeue: the next attempt resumes from {last} (written {age:.0f} s ago)", flush=True)
-        return submitit.helpers.DelayedSubmission(type(self)(self.cfg))
+        return submitit.helpers.DelayedSubmission(type(self)(self.cfg, self.run_id))
 
 
 def slurm_placement(environ: Mapping[str, str]) -> Placement:
     """The placement of the Slurm job step this task belongs to (`srun` in an sbatch script)."""
-    job_id = environ["SLURM_JOB_ID"]
+    run_id = environ["SLURM_JOB_ID"]
     if "SLURM_ARRAY_JOB_ID" in environ:
-        job_id = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+        run_id = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
     nodes = int(environ["SLURM_JOB_NUM_NODES"])
-    return Placement(job_id, nodes, int(environ["SLURM_NTASKS"]) // nodes, "slurm")
+    return Placement(run_id, nodes, int(environ["SLURM_NTASKS"]) // nodes, "slurm")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import submitit
+import yaml
 
 from dogclf.cli import add_train_arguments, overrides_from_args, run
-from dogclf.config import ConfigError, JobConfig, load_job
+from dogclf.config import ConfigError, JobConfig, config_from_dict, load_job
 from dogclf.job import TrainingJob
 from dogclf.sweep import load_sweep, sweep_jobs
 
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "machine (--gpus processes, waits for them); debug: one task in this process")
     launch = parser.add_argument_group("launching")
     launch.add_argument("--sweep", metavar="YAML", help="submit one job array, one task per point of this sweep file")
+    launch.add_argument("--resume", metavar="JOB_ID", help="continue the run directory <output>/<name>/JOB_ID of an "
+                        "earlier job (cancelled, failed, or to train longer with --max-epochs) in a new job; its saved "
+                        "config.yaml is used, with --set overrides on top")
     launch.add_argument("--max-parallel", type=int, help="run at most this many array tasks at once (sweeps)")
     launch.add_argument("--dry-run", action="store_true", help="print the sbatch script that would be submitted; "
                         "submit nothing")
@@ -119,7 +123,16 @@ def resolve_cluster(requested: str, dry_run: bool) -> str:
 def job_configs(args: argparse.Namespace) -> list[JobConfig]:
     """The job(s) to run, with output and data paths made absolute (tasks may start in another directory)."""
     overrides = overrides_from_args(args)
-    if args.sweep:
+    if args.resume:
+        if args.sweep:
+            raise ConfigError("--resume continues one run: it cannot be combined with --sweep")
+        spec = load_job(args.mode, overrides)
+        saved = Path(spec.output).expanduser().resolve() / spec.name / args.resume / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: {saved} does not exist; give the job id of a run directory "
+                              f"under {saved.parent.parent} (and the same --name/--output as that run)")
+        jobs = [config_from_dict(yaml.safe_load(saved.read_text()), overrides)]
+    elif args.sweep:
         jobs = sweep_jobs(args.mode, overrides, load_sweep(args.sweep))
     else:
         jobs = [load_job(args.mode, overrides)]
@@ -195,7 +208,7 @@ def submit(args: argparse.Namespace) -> int:
     minutes = check_request(args, cluster)
     jobs = job_configs(args)
     name_root = Path(jobs[0].output) / jobs[0].name
-    folder = name_root / "%j" / "submitit"
+    folder = name_root / (args.resume or "%j") / "submitit"
     if args.dry_run:
         if cluster != "slurm":
             raise ConfigError(f"--dry-run shows the sbatch script of a Slurm job; --cluster {cluster} submits none")
@@ -205,17 +218,16 @@ def submit(args: argparse.Namespace) -> int:
 
     prepare_output(jobs[0])
     if cluster == "local":  # submitit's local controller creates the unformatted `%j/submitit` (not its parents)
-        (name_root / "%j").mkdir(exist_ok=True)
+        folder.parent.mkdir(exist_ok=True)
     executor = build_executor(args, cluster, folder, minutes)
     start = time.time()
     if len(jobs) == 1:
-        submitted = [executor.submit(TrainingJob(jobs[0]))]
+        submitted = [executor.submit(TrainingJob(jobs[0], run_id=args.resume))]
     else:
         with executor.batch():
-            futures = [executor.submit(TrainingJob(cfg)) for cfg in jobs]
-        submitted = futures
+            submitted = [executor.submit(TrainingJob(cfg)) for cfg in jobs]
     for job in submitted:
-        run_dir = name_root / str(job.job_id)
+        run_dir = name_root / (args.resume or str(job.job_id))
         print(f"submitted job {job.job_id} ({cluster}): run directory {run_dir}")
         print(f"  log (rank 0): {job.paths.stdout}")
     print(f"watch it with: tensorboard --logdir {name_root}")

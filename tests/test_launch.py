@@ -213,7 +213,7 @@ def test_dry_run_shows_the_requested_placement(slurm, tmp_path):
     assert not (tmp_path / "gmlp").exists()
 
 
-def test_cancel_is_reported_and_nothing_hangs(slurm, white_dogs, tmp_path):
+def test_cancel_is_reported_and_the_run_can_be_resumed(slurm, white_dogs, tmp_path):
     follower = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "launch/submit.py"), "--output", str(tmp_path), "--mode=gmlp", "--gpus=1",
          "--cpus-per-task=1", "--follow", "--name=cancel", *tiny(white_dogs, "trainer.max_epochs=500")],
@@ -230,6 +230,23 @@ def test_cancel_is_reported_and_nothing_hangs(slurm, white_dogs, tmp_path):
     assert follower.returncode == 1
     assert re.search(rf"job {job_id} ended CANCELLED", rest), rest
     assert sacct_state(slurm, job_id) == "CANCELLED"
+
+    # A new job continues the cancelled run's directory from its last checkpoint, here for two more epochs.
+    run_dir = tmp_path / "cancel" / job_id
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    epochs = saved["epoch"] + 1 + 2
+    done, ids = launch(slurm, tmp_path, "--mode=gmlp", "--gpus=1", "--cpus-per-task=1", "--follow", "--name=cancel",
+                       f"--resume={job_id}", f"--max-epochs={epochs}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (resumed_id,) = ids
+    assert resumed_id != job_id and f"run directory {run_dir}\n" in done.stdout
+    with open(run_dir / "submitit" / f"{resumed_id}_0_result.pkl", "rb") as handle:
+        _, report = pickle.load(handle)
+    assert report["start_step"] == saved["global_step"]
+    per_epoch = saved["global_step"] // (saved["epoch"] + 1)
+    assert report["metrics"]["epochs"] == epochs and report["metrics"]["global_step"] == epochs * per_epoch
+    missing, _ = launch(slurm, tmp_path, "--mode=gmlp", "--name=cancel", "--resume=999999")
+    assert missing.returncode == 2 and "--resume 999999" in missing.stderr
 
 
 def test_sbatch_template_writes_the_same_layout(slurm, white_dogs, tmp_path):
@@ -288,8 +305,3 @@ def test_job_module_refuses_to_run_outside_slurm():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     done = subprocess.run([sys.executable, "-m", "dogclf.job"], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "inside an sbatch script" in done.stderr
-
-
-def test_results_are_plain_data():
-    """Results travel back through pickles: keep them free of tensors and custom classes."""
-    assert torch is not None  # torch imported: result pickles load without the training code
