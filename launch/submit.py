@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,22 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--time", default="60", help=f"time limit per attempt: {TIME_FORMATS} (default 60)")
     slurm.add_argument("--mem", help="memory per node in Slurm syntax, e.g. 64G (default: the partition's)")
     slurm.add_argument("--cpus-per-task", type=int, default=4, help="CPU cores per task (default 4)")
-    slurm.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS",
-                       help="send the requeue signal (USR2) this long before the time limit (default 120)")
-    slurm.add_argument("--max-requeues", type=int, default=10,
-                       help="how many times a job that hits its time limit is requeued (default 10; preemptions "
-                       "are always requeued)")
-    slurm.add_argument("--cluster", choices=("auto", "slurm", "local", "debug"), default="auto",
-                       help="auto: Slurm if sbatch is on PATH, else local; local: submitit's LocalExecutor on this "
-                       "machine (--gpus processes, waits for them); debug: one task in this process")
+    slurm.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="send the requeue signal (USR2) this long before the time limit (default 120)",
+    )
+    slurm.add_argument(
+        "--max-requeues",
+        type=int,
+        default=10,
+        help="how many times a job that hits its time limit is requeued (default 10; preemptions are always requeued)",
+    )
+    slurm.add_argument(
+        "--cluster",
+        choices=("auto", "slurm", "local", "debug"),
+        default="auto",
+        help="auto: Slurm if sbatch is on PATH, else local; local: submitit's LocalExecutor on this "
+        "machine (--gpus processes, waits for them); debug: one task in this process",
+    )
     launch = parser.add_argument_group("launching")
     launch.add_argument("--sweep", metavar="YAML", help="submit one job array, one task per point of this sweep file")
-    launch.add_argument("--resume", metavar="JOB_ID", help="continue the run directory <output>/<name>/JOB_ID of an "
-                        "earlier job (cancelled, failed, or to train longer with --max-epochs) in a new job; its saved "
-                        "config.yaml is used, with --set overrides on top")
+    launch.add_argument(
+        "--resume",
+        metavar="JOB_ID",
+        help="continue the run directory <output>/<name>/JOB_ID of an "
+        "earlier job (cancelled, failed, or to train longer with --max-epochs) in a new job; its saved "
+        "config.yaml is used, with --set overrides on top",
+    )
     launch.add_argument("--max-parallel", type=int, help="run at most this many array tasks at once (sweeps)")
-    launch.add_argument("--dry-run", action="store_true", help="print the sbatch script that would be submitted; "
-                        "submit nothing")
+    launch.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch script that would be submitted; submit nothing"
+    )
     launch.add_argument("--follow", action="store_true", help="wait for the job, streaming rank 0's log")
     parser.set_defaults(output=os.environ.get("DOGCLF_OUTPUT"))
     return parser
@@ -129,8 +147,10 @@ def job_configs(args: argparse.Namespace) -> list[JobConfig]:
         spec = load_job(args.mode, overrides)
         saved = Path(spec.output).expanduser().resolve() / spec.name / args.resume / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: {saved} does not exist; give the job id of a run directory "
-                              f"under {saved.parent.parent} (and the same --name/--output as that run)")
+            raise ConfigError(
+                f"--resume {args.resume}: {saved} does not exist; give the job id of a run directory "
+                f"under {saved.parent.parent} (and the same --name/--output as that run)"
+            )
         jobs = [config_from_dict(yaml.safe_load(saved.read_text()), overrides)]
     elif args.sweep:
         jobs = sweep_jobs(args.mode, overrides, load_sweep(args.sweep))
@@ -151,8 +171,10 @@ def prepare_output(cfg: JobConfig) -> Path:
         with tempfile.TemporaryFile(dir=root):
             pass
     except OSError as err:
-        raise ConfigError(f"output directory {root} cannot be written ({err.strerror}): pass --output DIR on "
-                          "writable shared storage (or set DOGCLF_OUTPUT)") from None
+        raise ConfigError(
+            f"output directory {root} cannot be written ({err.strerror}): pass --output DIR on "
+            "writable shared storage (or set DOGCLF_OUTPUT)"
+        ) from None
     if not Path(cfg.data.root).is_dir():
         raise ConfigError(f"data root {cfg.data.root} does not exist: pass --data DIR (one sub-folder per class)")
     return root
@@ -181,14 +203,39 @@ def slurm_parameters(args: argparse.Namespace, minutes: int) -> dict:
     )
 
 
+def check_with_slurm(params: dict) -> None:
+    """Ask Slurm whether it could ever run this request (`sbatch --test-only`, nothing is queued): an impossible
+    one (more GPUs or nodes than the partition has, a wrong partition or account) would otherwise pend forever."""
+    flags = {
+        "nodes": params["nodes"],
+        "ntasks-per-node": params["ntasks_per_node"],
+        "gpus-per-node": params["gpus_per_node"],
+        "cpus-per-task": params["cpus_per_task"],
+        "time": params["time"],
+        **{key: params.get(key) for key in ("partition", "account", "qos", "constraint", "mem")},
+    }
+    command = ["sbatch", "--test-only", *(f"--{k}={v}" for k, v in flags.items() if v is not None), "--wrap", "true"]
+    try:
+        answer = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise ConfigError("sbatch --test-only did not answer within 60 s: is slurmctld reachable?") from None
+    if answer.returncode != 0:
+        reason = (answer.stderr.strip().splitlines() or ["no reason given"])[-1]
+        raise ConfigError(
+            f"Slurm cannot run this request ({reason}): compare --nodes/--gpus/--cpus-per-task/--mem "
+            "and the partition with `sinfo -o '%P %D %c %m %G'`"
+        )
+
+
 def build_executor(args: argparse.Namespace, cluster: str, folder: Path, minutes: int) -> submitit.Executor:
     """The submitit executor for the request: Slurm (one task per GPU), local processes, or in-process debug."""
     if cluster == "debug":
         return submitit.DebugExecutor(folder=folder)
     if cluster == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
-        executor.update_parameters(timeout_min=minutes, tasks_per_node=args.gpus, gpus_per_node=args.gpus,
-                                   signal_delay_s=args.signal_delay)
+        executor.update_parameters(
+            timeout_min=minutes, tasks_per_node=args.gpus, gpus_per_node=args.gpus, signal_delay_s=args.signal_delay
+        )
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
     executor.update_parameters(**slurm_parameters(args, minutes))
@@ -217,6 +264,8 @@ def submit(args: argparse.Namespace) -> int:
         return 0
 
     prepare_output(jobs[0])
+    if cluster == "slurm":
+        check_with_slurm(slurm_parameters(args, minutes))
     if cluster == "local":  # submitit's local controller creates the unformatted `%j/submitit` (not its parents)
         folder.parent.mkdir(exist_ok=True)
     executor = build_executor(args, cluster, folder, minutes)
@@ -293,8 +342,10 @@ def report(jobs: list[submitit.Job]) -> int:
             failed += 1
             continue
         metrics = next(r["metrics"] for r in reports if r.get("global_rank", 0) == 0)
-        print(f"job {job.job_id} {state}: {metrics['epochs']} epochs, step {metrics['global_step']}, test balanced "
-              f"accuracy {metrics['test_balanced_accuracy']:.3f} -> {metrics['run_dir']}")
+        print(
+            f"job {job.job_id} {state}: {metrics['epochs']} epochs, step {metrics['global_step']}, test balanced "
+            f"accuracy {metrics['test_balanced_accuracy']:.3f} -> {metrics['run_dir']}"
+        )
     return 1 if failed else 0
 
 

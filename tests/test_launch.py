@@ -286,6 +286,9 @@ def test_local_cluster_runs_two_processes(slurm, white_dogs, tmp_path):
         (["--sweep={bad_sweep}"], "optim.nope: unknown key"),
         (["--output={file}/runs"], "cannot be written"),
         (["--set", "optim.lr=fast"], "optim.lr"),
+        (["--gpus=8"], "Slurm cannot run this request"),  # the test nodes have 4 GPUs each
+        (["--nodes=3"], "Slurm cannot run this request"),
+        (["--partition=nope"], "Slurm cannot run this request (allocation failure: Invalid partition name"),
     ],
 )
 def test_bad_requests_fail_before_submitting(slurm, tmp_path, args, message):
