@@ -58,8 +58,13 @@ def print_results(metrics: dict, minutes: float | None = None) -> None:
 
     print()
     print(results_table([metrics]))
-    recall = ", ".join(f"{name} {value:.2f}" for name, value in metrics["test_per_class_recall"].items())
-    print(f"\nTest recall per class: {recall}")
+    low, high = metrics["test_balanced_accuracy_ci"]
+    print(f"\nTest balanced accuracy {metrics['test_balanced_accuracy']:.3f}, 95% bootstrap CI [{low:.3f}, {high:.3f}]")
+    print("Test recall per class (95% Wilson CI, test images):")
+    for name, value in metrics["test_per_class_recall"].items():
+        low, high = metrics["test_per_class_recall_ci"][name]
+        support = metrics["test_per_class_support"][name]
+        print(f"  {name:<16} {value:.2f}  [{low:.2f}, {high:.2f}]  n={support}")
     took = f"  ({minutes:.1f} min)" if minutes is not None else ""
     print(f"Run directory: {metrics['run_dir']}{took}")
     print(f"Watch it with: tensorboard --logdir {metrics['run_dir']}/tb")

@@ -17,8 +17,9 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CLASS_WEIGHTING = ("none", "inverse", "inverse_sqrt")
 SAMPLERS = ("shuffle", "sqrt", "balanced")
+LOSSES = ("ce", "focal", "logit_adjusted", "balanced_softmax", "ldam")
+WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "effective_number")
 
 
 class ConfigError(ValueError):
@@ -58,7 +59,14 @@ class OptimConfig:
     warmup_epochs: float
     min_lr_ratio: float  # cosine floor as a fraction of lr
     label_smoothing: float
-    class_weighting: str  # none | inverse | inverse_sqrt: cross-entropy weights from training-split class counts
+    loss: str  # ce | focal | logit_adjusted | balanced_softmax | ldam (dogclf/losses.py)
+    class_weighting: str  # none | inverse | inverse_sqrt | effective_number: loss weights from training counts
+    cb_beta: float  # beta of the effective number of samples (class_weighting=effective_number, DRW)
+    focal_gamma: float  # loss=focal
+    logit_tau: float  # loss=logit_adjusted: logits + tau * log(prior) in training
+    ldam_max_margin: float  # loss=ldam: margin of the rarest class
+    ldam_scale: float  # loss=ldam: logit scale s
+    drw_epoch: int | None  # deferred re-weighting: effective-number weights from this epoch on; None: off
     grad_clip: float | None  # max gradient norm; None: off
     ema_decay: float | None  # EMA of weights used for evaluation; None: off
 
@@ -183,7 +191,19 @@ def _validate(cfg: JobConfig) -> None:
         ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "0 or more"),
         ("optim.min_lr_ratio", 0 <= cfg.optim.min_lr_ratio <= 1, "in [0, 1]"),
         ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "in [0, 1)"),
-        ("optim.class_weighting", cfg.optim.class_weighting in CLASS_WEIGHTING, f"one of {', '.join(CLASS_WEIGHTING)}"),
+        ("optim.loss", cfg.optim.loss in LOSSES, f"one of {', '.join(LOSSES)}"),
+        ("optim.class_weighting", cfg.optim.class_weighting in WEIGHTINGS, f"one of {', '.join(WEIGHTINGS)}"),
+        ("optim.cb_beta", 0 <= cfg.optim.cb_beta < 1, "in [0, 1), e.g. 0.999"),
+        ("optim.focal_gamma", cfg.optim.focal_gamma >= 0, "0 or more"),
+        ("optim.logit_tau", cfg.optim.logit_tau >= 0, "0 or more"),
+        ("optim.ldam_max_margin", cfg.optim.ldam_max_margin >= 0, "0 or more"),
+        ("optim.ldam_scale", cfg.optim.ldam_scale > 0, "positive"),
+        ("optim.drw_epoch", cfg.optim.drw_epoch is None or cfg.optim.drw_epoch >= 0, "null or an epoch (0 or more)"),
+        (
+            "optim.label_smoothing",
+            cfg.optim.loss != "focal" or cfg.optim.label_smoothing == 0,
+            "0 with optim.loss=focal (focal loss does not combine with label smoothing)",
+        ),
         ("optim.grad_clip", cfg.optim.grad_clip is None or cfg.optim.grad_clip > 0, "null or positive"),
         ("optim.ema_decay", cfg.optim.ema_decay is None or 0 < cfg.optim.ema_decay < 1, "null or in (0, 1)"),
         ("trainer.max_epochs", cfg.trainer.max_epochs > 0, "a positive integer"),

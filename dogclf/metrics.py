@@ -41,6 +41,61 @@ def classification_metrics(confusion: torch.Tensor, classes: list[str]) -> dict[
     }
 
 
+SHOT_GROUPS = (("many", 101, math.inf), ("medium", 20, 100), ("few", 0, 19))  # training images per class
+
+
+def bootstrap_intervals(
+    confusion: torch.Tensor, *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of accuracy, balanced accuracy and macro-F1.
+
+    Resampling the evaluated images with replacement is drawing `n` cells from the confusion matrix in proportion
+    to their counts. A rare class may be absent from a resample: balanced accuracy then averages the classes that
+    are present, as on any split; with one or two test images per class this is exactly the uncertainty to show.
+    """
+    cm = confusion.double().cpu()
+    classes, n = cm.shape[0], int(cm.sum())
+    if n == 0:
+        return {key: (math.nan, math.nan) for key in ("accuracy", "balanced_accuracy", "macro_f1")}
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(cm.flatten() / n, n * resamples, replacement=True, generator=generator)
+    cms = torch.zeros(resamples, classes * classes, dtype=torch.double)
+    cms.scatter_add_(1, draws.view(resamples, n), torch.ones(resamples, n, dtype=torch.double))
+    cms = cms.view(resamples, classes, classes)  # (R, C, C)
+    support, predicted, hits = cms.sum(2), cms.sum(1), cms.diagonal(dim1=1, dim2=2)  # (R, C) each
+    present = support > 0
+    recall = hits / support.clamp(min=1)
+    f1 = 2 * hits / (support + predicted).clamp(min=1)
+    values = {
+        "accuracy": hits.sum(1) / n,
+        "balanced_accuracy": (recall * present).sum(1) / present.sum(1),
+        "macro_f1": (f1 * present).sum(1) / present.sum(1),
+    }
+    tail = (1 - level) / 2
+    quantiles = torch.tensor([tail, 1 - tail], dtype=torch.double)
+    return {key: tuple(torch.quantile(v, quantiles).tolist()) for key, v in values.items()}
+
+
+def wilson_interval(hits: int, total: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (here a class's recall): sensible even for 0/1 or 1/1."""
+    if total == 0:
+        return (math.nan, math.nan)
+    z = float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + level / 2)))
+    p = hits / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def shot_group_recall(per_class_recall: dict[str, float], train_counts: dict[str, int]) -> dict[str, float]:
+    """Mean recall over the many- (>100 training images), medium- (20-100) and few-shot (<20) classes."""
+    groups = {}
+    for name, low, high in SHOT_GROUPS:
+        recalls = [r for c, r in per_class_recall.items() if low <= train_counts[c] <= high and not math.isnan(r)]
+        groups[name] = sum(recalls) / len(recalls) if recalls else math.nan
+    return groups
+
+
 def confusion_matrix_figure(confusion: torch.Tensor, classes: list[str], title: str = ""):
     """A matplotlib figure: rows = true class (row-normalised colour), cells annotated with counts."""
     import matplotlib

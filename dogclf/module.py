@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from dogclf.losses import build_loss
 from dogclf.metrics import classification_metrics
 from dogclf.models import create_model
 
@@ -55,7 +56,18 @@ class DogClassifier(pl.LightningModule):
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
         )
-        self.register_buffer("class_weights", class_weights(class_counts, optim_cfg["class_weighting"]))
+        self.criterion = build_loss(
+            optim_cfg["loss"],
+            class_counts=class_counts,
+            label_smoothing=optim_cfg["label_smoothing"],
+            weighting=optim_cfg["class_weighting"],
+            beta=optim_cfg["cb_beta"],
+            focal_gamma=optim_cfg["focal_gamma"],
+            tau=optim_cfg["logit_tau"],
+            ldam_max_margin=optim_cfg["ldam_max_margin"],
+            ldam_scale=optim_cfg["ldam_scale"],
+            drw_epoch=optim_cfg["drw_epoch"],
+        )
         self.confusion = torch.nn.ModuleDict(
             {stage: MulticlassConfusionMatrix(num_classes=len(classes)) for stage in EVAL_STAGES}
         )
@@ -72,13 +84,13 @@ class DogClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self.model(images)
-        loss = F.cross_entropy(
-            logits.float(), labels, weight=self.class_weights, label_smoothing=self.optim_cfg["label_smoothing"]
-        )
+        loss = self.criterion(self.model(images), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.numel())
         self._train_loss_sum += torch.stack([loss.detach() * labels.numel(), loss.new_tensor(labels.numel())])
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.criterion.set_epoch(self.current_epoch)  # deferred re-weighting switches on by epoch (also on resume)
 
     def on_train_epoch_end(self) -> None:
         loss_sum, count = self.all_gather(self._train_loss_sum).reshape(-1, 2).sum(dim=0)
@@ -148,14 +160,6 @@ class DogClassifier(pl.LightningModule):
         schedule = warmup_cosine(total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=cfg["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def class_weights(counts: list[int], scheme: str) -> torch.Tensor:
-    """Per-class loss weights from training counts n_c: 1, 1/n_c or 1/sqrt(n_c), scaled so that the average
-    weight over training samples is 1 (the loss keeps its scale, so the learning rate means the same)."""
-    n = torch.tensor(counts, dtype=torch.float).clamp(min=1)
-    weights = {"none": torch.ones_like(n), "inverse": 1 / n, "inverse_sqrt": n.rsqrt()}[scheme]
-    return weights * n.sum() / (weights * n).sum()
 
 
 def warmup_cosine(*, total_steps: int, warmup_steps: int, min_ratio: float):

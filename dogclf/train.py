@@ -22,6 +22,9 @@ from dogclf.callbacks import ConfusionMatrixImages, EpochSummary, RunEnvironment
 from dogclf.checkpointing import AtomicCheckpointIO, resume_checkpoint
 from dogclf.config import ConfigError, JobConfig, save_config
 from dogclf.data import WhiteDogsDataModule
+from dogclf.data.sampling import SAMPLER_POWERS
+from dogclf.losses import class_weights, ldam_margins, log_prior
+from dogclf.metrics import bootstrap_intervals, shot_group_recall, wilson_interval
 from dogclf.models import create_model, load_pretrained
 from dogclf.module import DogClassifier, model_overrides
 
@@ -154,6 +157,7 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
     if trainer.is_global_zero:
         save_config(cfg, run_dir / "config.yaml")
         data.write_split_csv(run_dir / "split.csv")
+        write_json(run_dir / "class_stats.json", class_stats(data.classes, data.train_class_counts, cfg))
     if resume is None and cfg.model.init_from:
         print(load_pretrained(module.model, cfg.model.init_from))
     elif resume is not None:
@@ -167,9 +171,29 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
     metrics = collect_metrics(cfg, trainer, module, run_dir)
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
-        trainer.logger.log_hyperparams(hparams(cfg), {f"hp/{k}": v for k, v in metrics.items() if _is_number(v)})
+        trainer.logger.log_hyperparams(hparams(cfg), {f"hp/{k}": v for k, v in flat_numbers(metrics).items()})
         trainer.logger.finalize("success")
     return metrics
+
+
+def class_stats(classes: list[str], counts: list[int], cfg: JobConfig) -> dict[str, Any]:
+    """What the imbalance handling derived from the training split: counts, prior, loss weights, sampling share."""
+    optim = cfg.optim
+    weights = class_weights(counts, optim.class_weighting, optim.cb_beta).tolist()
+    drw = class_weights(counts, "effective_number", optim.cb_beta).tolist() if optim.drw_epoch is not None else None
+    draw = [n * n ** -SAMPLER_POWERS[cfg.data.sampler] for n in counts]
+    return {
+        "classes": classes,
+        "train_counts": counts,
+        "prior": [n / sum(counts) for n in counts],
+        "sampler": cfg.data.sampler,
+        "sampled_share": [d / sum(draw) for d in draw],  # expected share of each class in a training epoch
+        "loss": optim.loss,
+        "loss_weights": weights,  # optim.class_weighting (normalised to sum to the number of classes)
+        "drw_weights_from_epoch": {"epoch": optim.drw_epoch, "weights": drw} if drw else None,
+        "logit_offsets": (optim.logit_tau * log_prior(counts)).tolist() if optim.loss == "logit_adjusted" else None,
+        "ldam_margins": ldam_margins(counts, optim.ldam_max_margin).tolist() if optim.loss == "ldam" else None,
+    }
 
 
 def collect_metrics(cfg: JobConfig, trainer: pl.Trainer, module: DogClassifier, run_dir: Path) -> dict[str, Any]:
@@ -177,6 +201,12 @@ def collect_metrics(cfg: JobConfig, trainer: pl.Trainer, module: DogClassifier, 
     val, test = module.eval_results["val"], module.eval_results["test"]
     checkpoint = trainer.checkpoint_callback
     best_score = checkpoint.best_model_score
+    train_counts = dict(zip(module.classes, module.hparams.class_counts))
+    hits = test["confusion"].diag().tolist()
+    intervals = bootstrap_intervals(test["confusion"], seed=cfg.trainer.seed)
+    recall_intervals = {
+        name: wilson_interval(int(hits[i]), test["per_class_support"][name]) for i, name in enumerate(module.classes)
+    }
     return {
         "architecture": cfg.model.preset,
         "image_size": cfg.data.image_size,
@@ -196,6 +226,11 @@ def collect_metrics(cfg: JobConfig, trainer: pl.Trainer, module: DogClassifier, 
         "test_per_class_precision": test["per_class_precision"],
         "test_per_class_support": test["per_class_support"],
         "test_confusion_matrix": test["confusion"].tolist(),
+        # 95 % intervals: percentile bootstrap over test images, Wilson per class (one or two images -> wide)
+        **{f"test_{key}_ci": list(interval) for key, interval in intervals.items()},
+        "test_per_class_recall_ci": {name: list(interval) for name, interval in recall_intervals.items()},
+        "test_shot_group_recall": shot_group_recall(test["per_class_recall"], train_counts),
+        "train_class_counts": train_counts,
         "best_val_balanced_accuracy": float(best_score) if best_score is not None else math.nan,
         "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run_dir) if checkpoint.best_model_path else None,
         "run_dir": str(run_dir),
@@ -204,6 +239,20 @@ def collect_metrics(cfg: JobConfig, trainer: pl.Trainer, module: DogClassifier, 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def flat_numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric metrics for the TensorBoard HPARAMS view: scalars, interval bounds (`_low`, `_high`) and the
+    per-group recalls (`test_shot_group_recall/many`...)."""
+    flat = {}
+    for key, value in metrics.items():
+        if _is_number(value):
+            flat[key] = value
+        elif key.endswith("_ci") and isinstance(value, list):
+            flat[f"{key}_low"], flat[f"{key}_high"] = value
+        elif key == "test_shot_group_recall":
+            flat.update({f"{key}/{group}": v for group, v in value.items()})
+    return flat
 
 
 def hparams(cfg: JobConfig) -> dict[str, Any]:

@@ -163,8 +163,9 @@ def test_two_nodes_two_tasks_each(slurm, white_dogs, tmp_path):
 
 
 def test_timeout_requeues_and_resumes_without_gaps(slurm, white_dogs, tmp_path):
-    # A 1-minute limit with the requeue signal 40 s before it: each attempt trains ~20 s, then submitit requeues.
-    epochs = 40
+    # A 1-minute limit with the requeue signal 40 s before it: Slurm signals 20-30 s into each attempt and submitit
+    # requeues. Uninterrupted, the training takes longer than that (~50 s on an idle 2-core machine).
+    epochs = 150
     done, ids = launch(slurm, tmp_path, "--mode=gmlp", "--gpus=1", "--cpus-per-task=1", "--time=1",
                        "--signal-delay=40", "--max-requeues=20", "--follow", "--name=requeue",
                        *tiny(white_dogs, f"trainer.max_epochs={epochs}", "data.max_per_class=16"), timeout=900)

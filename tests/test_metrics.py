@@ -2,7 +2,14 @@ import math
 
 import torch
 
-from dogclf.metrics import classification_metrics, confusion_matrix_figure, figure_to_array
+from dogclf.metrics import (
+    bootstrap_intervals,
+    classification_metrics,
+    confusion_matrix_figure,
+    figure_to_array,
+    shot_group_recall,
+    wilson_interval,
+)
 
 
 def test_metrics_from_confusion_match_hand_computation():
@@ -36,3 +43,39 @@ def test_confusion_matrix_picture_renders():
     image = figure_to_array(confusion_matrix_figure(torch.tensor([[5, 1], [0, 2]]), ["samoyed", "maltese"], "t"))
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
     assert image.min() < 100 < image.max()  # not a blank canvas
+
+
+def test_bootstrap_intervals_bracket_the_point_estimate_and_widen_with_fewer_images():
+    confusion = torch.tensor([[80, 20], [3, 7]])
+    point = classification_metrics(confusion, ["a", "b"])
+    ci = bootstrap_intervals(confusion, resamples=4000)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        low, high = ci[key]
+        assert low <= point[key] <= high, key
+    p, n = 87 / 110, 110
+    half = 1.96 * math.sqrt(p * (1 - p) / n)  # the normal approximation of the accuracy's interval
+    assert math.isclose(ci["accuracy"][0], p - half, abs_tol=0.015) and math.isclose(
+        ci["accuracy"][1], p + half, abs_tol=0.015
+    )
+    small = bootstrap_intervals(torch.tensor([[8, 2], [0, 1]]), resamples=4000)["balanced_accuracy"]
+    assert small[1] - small[0] > ci["balanced_accuracy"][1] - ci["balanced_accuracy"][0]
+    assert bootstrap_intervals(confusion, seed=3) == bootstrap_intervals(confusion, seed=3)
+
+
+def test_wilson_interval_hand_values():
+    # 1 hit of 1 at 95 %: centre (1 + z^2/2) / (1 + z^2), half z sqrt(z^2/4) / (1 + z^2), z = 1.95996
+    z = 1.959964
+    centre, half = (1 + z * z / 2) / (1 + z * z), z * (z / 2) / (1 + z * z)
+    low, high = wilson_interval(1, 1)
+    assert math.isclose(low, centre - half, rel_tol=1e-5) and high == 1.0
+    assert math.isclose(low, 0.2065, abs_tol=1e-3)
+    assert wilson_interval(0, 2)[0] == 0.0 and math.isclose(wilson_interval(0, 2)[1], 0.6576, abs_tol=1e-3)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_shot_group_recall():
+    recall = {"samoyed": 0.9, "maltese": 0.5, "bichon": 0.0, "spitz": math.nan}
+    counts = {"samoyed": 750, "maltese": 88, "bichon": 7, "spitz": 3}
+    groups = shot_group_recall(recall, counts)
+    assert groups["many"] == 0.9 and groups["medium"] == 0.5 and groups["few"] == 0.0  # NaN (no test image) left out
+    assert math.isnan(shot_group_recall({"a": 0.5}, {"a": 50})["many"])

@@ -3,18 +3,8 @@ import math
 import pytest
 import torch
 
-from dogclf.module import class_weights, warmup_cosine
-
-
-@pytest.mark.parametrize(
-    ("scheme", "expected"),
-    [("none", [1.0, 1.0]), ("inverse", [2.5, 0.625]), ("inverse_sqrt", [1 / 0.6, 0.5 / 0.6])],
-)
-def test_class_weights_hand_computed(scheme, expected):
-    # counts (1, 4): inverse raw (1, 1/4), sample-mean (1 + 1) / 5 = 0.4; inverse_sqrt raw (1, 1/2), mean 0.6
-    weights = class_weights([1, 4], scheme)
-    assert torch.allclose(weights, torch.tensor(expected))
-    assert torch.isclose((weights * torch.tensor([1.0, 4.0])).sum() / 5, torch.tensor(1.0))
+from dogclf.config import LOSSES, load_job
+from dogclf.module import DogClassifier, warmup_cosine
 
 
 def test_warmup_then_cosine():
@@ -23,3 +13,27 @@ def test_warmup_then_cosine():
     assert factor(10) == pytest.approx(1.0)
     assert factor(60) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert factor(110) == pytest.approx(0.01) and factor(500) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_trains_the_module(loss):
+    overrides = [("model.preset", "gmlp-pico"), ("optim.loss", loss), ("optim.drw_epoch", 1)]
+    if loss == "focal":
+        overrides.append(("optim.label_smoothing", 0.0))
+    spec = load_job("gmlp", overrides).to_dict()
+    module = DogClassifier(
+        model_cfg=spec["model"],
+        optim_cfg=spec["optim"],
+        classes=["a", "b", "c"],
+        class_counts=[50, 5, 1],
+        image_size=32,
+    )
+    torch.nn.init.normal_(module.model.head.weight)  # the zero-initialised head would make every sample alike
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 0, 1, 1, 2])
+    losses = []
+    for epoch in (0, 1):  # deferred re-weighting turns the class weights on at epoch 1
+        module.criterion.set_epoch(epoch)
+        loss_value = module.criterion(module.model(images), labels)
+        loss_value.backward()
+        losses.append(loss_value.item())
+    assert all(math.isfinite(v) for v in losses) and losses[0] != losses[1]

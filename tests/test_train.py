@@ -1,6 +1,7 @@
 """End-to-end local training on a small subset of the real photos: run directory, TensorBoard, resume."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -47,6 +48,10 @@ def test_run_directory_layout(trained):
     rows = (run_dir / "split.csv").read_text().splitlines()
     assert rows[0] == "path,class,split,sha1"
     assert {row.split(",")[2] for row in rows[1:]} == {"train", "val", "test"}
+    stats = json.loads((run_dir / "class_stats.json").read_text())
+    train_rows = [row.split(",") for row in rows[1:] if row.split(",")[2] == "train"]
+    assert stats["train_counts"] == [sum(r[1] == c for r in train_rows) for c in stats["classes"]]
+    assert math.isclose(sum(stats["sampled_share"]), 1.0) and math.isclose(sum(stats["prior"]), 1.0)
 
 
 def test_metrics_json(trained):
@@ -58,6 +63,11 @@ def test_metrics_json(trained):
     assert saved["classes"] == ["bichon_frise", "maltese", "samoyed", "spitz"]
     assert set(saved["test_per_class_recall"]) == set(saved["classes"])
     assert saved["epochs"] == 2 and saved["global_step"] == metrics["global_step"] > 0
+    low, high = saved["test_balanced_accuracy_ci"]
+    assert low <= saved["test_balanced_accuracy"] <= high
+    for name, (low, high) in saved["test_per_class_recall_ci"].items():
+        assert 0 <= low <= saved["test_per_class_recall"][name] <= high <= 1
+    assert set(saved["test_shot_group_recall"]) == {"many", "medium", "few"}
     assert 0 <= saved["test_balanced_accuracy"] <= 1 and saved["test_loss"] > 0 and saved["train_loss"] > 0
 
 
