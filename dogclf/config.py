@@ -67,6 +67,7 @@ class OptimConfig:
     ldam_max_margin: float  # loss=ldam: margin of the rarest class
     ldam_scale: float  # loss=ldam: logit scale s
     drw_epoch: int | None  # deferred re-weighting: effective-number weights from this epoch on; None: off
+    posthoc_adjust: bool  # test with logits - tau * log(prior), tau tuned for balanced accuracy on validation
     grad_clip: float | None  # max gradient norm; None: off
     ema_decay: float | None  # EMA of weights used for evaluation; None: off
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from dogclf.losses import build_loss
+from dogclf.losses import build_loss, log_prior, tune_tau
 from dogclf.metrics import classification_metrics
 from dogclf.models import create_model
 
@@ -75,6 +75,10 @@ class DogClassifier(pl.LightningModule):
         self.train_loss = math.nan  # mean training loss of the last finished epoch, over all ranks
         self.register_buffer("_train_loss_sum", torch.zeros(2), persistent=False)  # (loss sum, count) this epoch
         self._eval_loss: dict[str, list[torch.Tensor]] = {stage: [] for stage in EVAL_STAGES}
+        # Post-hoc logit adjustment: evaluation logits minus this offset (tau * log prior once tuned, else 0).
+        self.register_buffer("logit_offset", torch.zeros(len(classes)))
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # this validation epoch's (logits, labels)
+        self.val_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # the last epoch's, from every rank
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, num_classes) logits; evaluation uses the EMA weights when EMA is on."""
@@ -121,13 +125,19 @@ class DogClassifier(pl.LightningModule):
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         images, labels = batch
-        logits = self(images).float()
+        raw = self(images).float()
+        if stage == "val":
+            self._val_outputs.append((raw.detach().cpu(), labels.cpu()))
+        logits = raw - self.logit_offset
         # Unsmoothed cross-entropy: the honest loss of the predicted distribution.
         loss = F.cross_entropy(logits, labels, reduction="sum")
         self._eval_loss[stage].append(torch.stack([loss.detach(), torch.tensor(labels.numel(), device=loss.device)]))
         self.confusion[stage].update(logits.argmax(dim=1), labels)
 
     def _eval_epoch_end(self, stage: str) -> None:
+        if stage == "val":
+            self.val_logits = _gather_outputs(self._val_outputs, len(self.classes))
+            self._val_outputs = []
         confusion = self.confusion[stage].compute()  # summed over ranks
         self.confusion[stage].reset()
         parts = self._eval_loss[stage] or [torch.zeros(2, device=self.device)]  # a rank may get no batch at all
@@ -145,6 +155,16 @@ class DogClassifier(pl.LightningModule):
         self.log_dict({f"{stage}/{k}": float(v) for k, v in scalars.items()}, prog_bar=False)
         self.log(f"{stage}/bacc", float(metrics["balanced_accuracy"]), prog_bar=True, logger=False)
 
+    def tune_posthoc_adjustment(self) -> tuple[float, float]:
+        """Pick tau for `logits - tau * log(prior)` on the last validation epoch (max balanced accuracy) and use it
+        from now on; returns (tau, validation balanced accuracy with it)."""
+        if self.val_logits is None:
+            raise RuntimeError("post-hoc adjustment needs a validation epoch first")
+        counts = self.hparams.class_counts
+        tau, balanced_accuracy = tune_tau(*self.val_logits, counts)
+        self.logit_offset.copy_(tau * log_prior(counts).to(self.logit_offset.device))
+        return tau, balanced_accuracy
+
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
         # No weight decay on norms, biases and the SGU gate bias (1-d tensors), as in timm and DeiT.
@@ -160,6 +180,17 @@ class DogClassifier(pl.LightningModule):
         schedule = warmup_cosine(total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=cfg["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _gather_outputs(outputs: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int):
+    """This rank's (logits, labels) batches -> all ranks' (N, C) logits and (N,) labels, on every rank."""
+    logits = torch.cat([o[0] for o in outputs]) if outputs else torch.zeros(0, num_classes)
+    labels = torch.cat([o[1] for o in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (logits, labels))
+        logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return logits, labels
 
 
 def warmup_cosine(*, total_steps: int, warmup_steps: int, min_ratio: float):

@@ -166,9 +166,12 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     if "val" not in module.eval_results:  # the run was already complete: evaluate what it ended with
         trainer.validate(module, datamodule=data, verbose=False)
+    posthoc = module.tune_posthoc_adjustment() if cfg.optim.posthoc_adjust else None
     trainer.test(module, datamodule=data, verbose=False)
 
     metrics = collect_metrics(cfg, trainer, module, run_dir)
+    if posthoc is not None:
+        metrics["posthoc_tau"], metrics["val_balanced_accuracy_posthoc"] = posthoc
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)
         trainer.logger.log_hyperparams(hparams(cfg), {f"hp/{k}": v for k, v in flat_numbers(metrics).items()})

@@ -106,6 +106,15 @@ def test_basic_mlp_trains(white_dogs, tmp_path):
     assert metrics["architecture"] == "basic-mlp" and metrics["epochs"] == 1
 
 
+def test_posthoc_adjustment_is_tuned_on_validation(white_dogs, tmp_path):
+    cfg = tiny_job(white_dogs, tmp_path, "trainer.max_epochs=1", "optim.posthoc_adjust=true", "optim.loss=focal",
+                   "optim.label_smoothing=0")
+    metrics = train(cfg)
+    assert metrics["posthoc_tau"] in [i / 4 for i in range(13)]
+    # tau = 0 (no adjustment) is in the grid, so the tuned validation score is at least the raw one
+    assert metrics["val_balanced_accuracy_posthoc"] >= metrics["val_balanced_accuracy"] - 1e-9
+
+
 def test_precision_auto():
     assert resolve_precision("32-true", "cpu") == "32-true"
     assert resolve_precision("auto", "cpu") in ("bf16-mixed", "32-true")
