@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -11,12 +12,22 @@ from dogclf.config import ConfigError, JobConfig, load_job
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, *, cluster: bool = False) -> None:
+    """The job-spec options shared by app.py, `dogclf train` and the cluster launchers (`cluster=True`: the run
+    directory gains a job id level and the output root defaults to $DOGCLF_OUTPUT)."""
     parser.add_argument("--mode", default="gmlp", help="job spec: jobs/<mode>.yaml (gmlp, basic-mlp) or a .yaml path")
     parser.add_argument("--data", help="data root, one sub-folder per class (default: the job spec's data.root)")
-    parser.add_argument("--output", help="output root; the run directory is <output>/<name> (default: spec's output)")
-    parser.add_argument("--name", help="run name (default: the job spec's name); an existing run with a checkpoint "
-                        "is resumed")
+    if cluster:
+        parser.add_argument("--output", default=os.environ.get("DOGCLF_OUTPUT"), help="output root on storage all "
+                            "nodes share; run directory <output>/<name>/<job id> (default: $DOGCLF_OUTPUT, else the "
+                            "job spec's output, ./runs)")
+        parser.add_argument("--name", help="run name, the folder grouping this job's runs (default: the job spec's "
+                            "name)")
+    else:
+        parser.add_argument("--output", help="output root; the run directory is <output>/<name> (default: the job "
+                            "spec's output, ./runs)")
+        parser.add_argument("--name", help="run name (default: the job spec's name); an existing run with a "
+                            "checkpoint is resumed")
     parser.add_argument("--max-epochs", type=int, help="number of epochs (default: the job spec's trainer.max_epochs)")
     parser.add_argument("--init-from", metavar="PATH", help="start from weights in PATH: a timm gMLP state dict or a "
                         "dogclf checkpoint (the head is re-initialised when the class count differs)")
@@ -70,12 +81,52 @@ def print_results(metrics: dict, minutes: float | None = None) -> None:
     print(f"Watch it with: tensorboard --logdir {metrics['run_dir']}/tb")
 
 
+def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults live in dogclf.data.fetch.fetch(): an option left out (None) is not passed on.
+    parser.add_argument("--root", default="../shared/white-dogs", help="data root with one sub-folder per class and "
+                        "MANIFEST.csv; relative to the working directory (default: %(default)s)")
+    parser.add_argument("--breed", dest="breeds", action="append", metavar="CLASS=API_PATH",
+                        help="class folder and dog.ceo breed path, e.g. spitz=spitz/japanese (repeatable; replaces the "
+                        "default bichon_frise=frise/bichon maltese=maltese samoyed=samoyed spitz=spitz/japanese)")
+    parser.add_argument("--max-per-class", type=int, metavar="N", help="stop once a class folder holds N images")
+    parser.add_argument("--rate", type=float, help="most requests per second (default 2)")
+    parser.add_argument("--retries", type=int, help="retries on network errors, HTTP 429 and 5xx (default 4)")
+    parser.add_argument("--backoff", type=float, metavar="SECONDS", help="first retry delay, doubled each retry; "
+                        "a Retry-After header wins (default 1)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="per request (default 30)")
+    parser.add_argument("--min-distance", type=int, metavar="BITS", help="pHash Hamming distance under which an image "
+                        "is a near-duplicate of one already held, in any class (default 10)")
+    parser.add_argument("--min-side", type=int, metavar="PX", help="reject images with a shorter side (default 128)")
+    parser.add_argument("--api", help="dog.ceo API base URL (default https://dog.ceo/api)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be downloaded; write nothing")
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from dogclf.data.fetch import fetch, parse_breeds
+
+    options = ("api", "max_per_class", "rate", "retries", "backoff", "timeout", "min_distance", "min_side")
+    kwargs = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
+    breeds = parse_breeds(args.breeds) if args.breeds else None
+    try:
+        fetch(args.root, breeds, dry_run=args.dry_run, **kwargs)
+    except KeyboardInterrupt:
+        print("interrupted: everything fetched so far is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dogclf", description="Tell white dog breeds apart with gMLP or an MLP.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train locally on one device (resumes an existing run)")
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
+    data = commands.add_parser("data", help="manage the photo folders")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_commands.add_parser("fetch", help="add photos from the public dog.ceo API: verified, re-encoded like "
+                                     "the shared set, near-duplicates skipped, provenance in MANIFEST.csv; resumable")
+    add_fetch_arguments(fetch)
+    fetch.set_defaults(handler=run_fetch)
     return parser
 
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train on every task of a Slurm job step (`srun python -m dogclf.job ...` in an sbatch script, "
         "see slurm/train.sbatch): the submitit job without submitit. Run directory <output>/<name>/<job id>.",
     )
-    add_train_arguments(parser)
+    add_train_arguments(parser, cluster=True)
 
     def handler(args: argparse.Namespace) -> int:
         if "SLURM_JOB_ID" not in os.environ or "SLURM_STEP_ID" not in os.environ:

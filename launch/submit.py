@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import shlex
 import shutil
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit dogclf training (Lightning DDP, one task per GPU) to Slurm through submitit, or run it "
         "locally. The run directory is <output>/<name>/<job id>; a requeued job resumes from its last checkpoint.",
     )
-    add_train_arguments(parser)
+    add_train_arguments(parser, cluster=True)
     slurm = parser.add_argument_group("placement and Slurm resources")
     slurm.add_argument("--gpus", type=int, default=1, help="GPUs per node = tasks (ranks) per node (default 1)")
     slurm.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
@@ -87,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the sbatch script that would be submitted; submit nothing"
     )
     launch.add_argument("--follow", action="store_true", help="wait for the job, streaming rank 0's log")
-    parser.set_defaults(output=os.environ.get("DOGCLF_OUTPUT"))
     return parser
 
 
