@@ -127,7 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the shared set, near-duplicates skipped, provenance in MANIFEST.csv; resumable")
     add_fetch_arguments(fetch)
     fetch.set_defaults(handler=run_fetch)
+    report = commands.add_parser("report", help="aggregate run directories into a markdown table (mean +- std over "
+                                 "seeds) and confusion-matrix PNGs")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
+    report.add_argument("--out", metavar="DIR", help="also write report.md and the confusion-matrix PNGs here")
+    report.set_defaults(handler=run_report)
     return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dogclf.report import find_runs, markdown_table, summarise, write_confusion_pngs
+
+    groups, classes = summarise(find_runs(args.runs))
+    table = markdown_table(groups, classes)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        pngs = write_confusion_pngs(groups, classes, out)
+        (out / "report.md").write_text(table + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+        print(f"\nwrote {out / 'report.md'} and {len(pngs)} confusion-matrix PNG(s)")
+    return 0
 
 
 def run(handler, args: argparse.Namespace) -> int:
