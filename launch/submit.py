@@ -262,10 +262,9 @@ def submit(args: argparse.Namespace) -> int:
         return 0
 
     prepare_output(jobs[0])
-    if cluster == "slurm":
-        check_with_slurm(slurm_parameters(args, minutes))
-    if cluster == "local":  # submitit's local controller creates the unformatted `%j/submitit` (not its parents)
-        folder.parent.mkdir(exist_ok=True)
+    if cluster != "slurm":
+        return run_here(args, cluster, jobs, folder, minutes)
+    check_with_slurm(slurm_parameters(args, minutes))
     executor = build_executor(args, cluster, folder, minutes)
     start = time.time()
     if len(jobs) == 1:
@@ -273,20 +272,32 @@ def submit(args: argparse.Namespace) -> int:
     else:
         with executor.batch():
             submitted = [executor.submit(TrainingJob(cfg)) for cfg in jobs]
-    for job in submitted:
-        run_dir = name_root / (args.resume or str(job.job_id))
-        print(f"submitted job {job.job_id} ({cluster}): run directory {run_dir}")
-        print(f"  log (rank 0): {job.paths.stdout}")
-    print(f"watch it with: tensorboard --logdir {name_root}")
-    if cluster == "debug":  # runs in this process, now
-        return report(submitted)
-    if cluster == "local":  # local jobs are children of this process: wait for them
-        status = follow(submitted, start)
-        for unused in (folder, folder.parent):  # the controller's empty placeholder
-            with contextlib.suppress(OSError):
-                unused.rmdir()
-        return status
+    announce(submitted, cluster, name_root, args.resume)
     return follow(submitted, start) if args.follow else 0
+
+
+def run_here(args: argparse.Namespace, cluster: str, jobs: list[JobConfig], folder: Path, minutes: int) -> int:
+    """--cluster local / debug: the jobs run on this machine, one after another (a sweep runs sequentially), and
+    this process waits for each (submitit cancels local jobs whose launcher exits)."""
+    failed = 0
+    for cfg in jobs:
+        if cluster == "local":  # submitit's local controller creates the unformatted `%j/submitit` (not its parents)
+            folder.parent.mkdir(exist_ok=True)
+        start = time.time()
+        job = build_executor(args, cluster, folder, minutes).submit(TrainingJob(cfg, run_id=args.resume))
+        announce([job], cluster, folder.parent.parent, args.resume)
+        failed += (report([job]) if cluster == "debug" else follow([job], start)) != 0
+        for placeholder in (folder, folder.parent):  # empty unless it was a real run directory (--resume)
+            with contextlib.suppress(OSError):
+                placeholder.rmdir()
+    return 1 if failed else 0
+
+
+def announce(jobs: list[submitit.Job], cluster: str, name_root: Path, resume: str | None) -> None:
+    for job in jobs:
+        print(f"submitted job {job.job_id} ({cluster}): run directory {name_root / (resume or str(job.job_id))}")
+        print(f"  log (rank 0): {job.paths.stdout}")
+    print(f"watch it with: tensorboard --logdir {name_root}", flush=True)
 
 
 def follow(jobs: list[submitit.Job], start: float) -> int:

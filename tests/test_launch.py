@@ -277,6 +277,22 @@ def test_local_cluster_runs_two_processes(slurm, white_dogs, tmp_path):
     assert [r["world_size"] for r in rank_reports(run_dir, job_id, tasks=2)] == [2, 2]
 
 
+def test_local_sweep_runs_one_job_after_another(slurm, white_dogs, tmp_path):
+    sweep = tmp_path / "seeds.yaml"
+    sweep.write_text("grid:\n  trainer.seed: [0, 1]\n")
+    done, ids = launch(slurm, tmp_path, "--mode=gmlp", "--cluster=local", "--name=localsweep", "--sweep", str(sweep),
+                       *tiny(white_dogs, "trainer.max_epochs=1"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(set(ids)) == 2
+    seeds = {yaml_seed(tmp_path / "localsweep" / job_id / "config.yaml") for job_id in ids}
+    assert seeds == {0, 1}
+    assert sorted(p.name for p in (tmp_path / "localsweep").iterdir()) == sorted(ids)  # no leftover placeholder
+
+
+def yaml_seed(path: Path) -> int:
+    return int(re.search(r"seed: (\d+)", path.read_text()).group(1))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
