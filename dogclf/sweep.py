@@ -2,6 +2,8 @@
 
 ```yaml
 # jobs/sweeps/<name>.yaml
+base:                 # overrides shared by every point (optional)
+  trainer.max_epochs: 15
 runs:                 # explicit points (optional)
   - {optim.loss: ce}
   - {optim.loss: focal, optim.focal_gamma: 2.0}
@@ -30,9 +32,13 @@ def load_sweep(path: str | Path) -> list[dict[str, Any]]:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"sweep file {path} is not valid YAML: {err}".replace("\n", " ")) from None
-    unknown = set(spec) - {"runs", "grid"} if isinstance(spec, dict) else {"(not a mapping)"}
+    unknown = set(spec) - {"base", "runs", "grid"} if isinstance(spec, dict) else {"(not a mapping)"}
     if unknown:
-        raise ConfigError(f"sweep file {path}: unknown top-level key(s) {sorted(unknown)}; use `runs:` and/or `grid:`")
+        raise ConfigError(f"sweep file {path}: unknown top-level key(s) {sorted(unknown)}; use `base:`, `runs:`, "
+                          "`grid:`")
+    base = spec.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"sweep file {path}: `base` must be a {{key: value}} mapping")
     runs = spec.get("runs") or [{}]
     grid = spec.get("grid") or {}
     if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
@@ -40,8 +46,8 @@ def load_sweep(path: str | Path) -> list[dict[str, Any]]:
     if not isinstance(grid, dict) or not all(isinstance(values, list) and values for values in grid.values()):
         raise ConfigError(f"sweep file {path}: `grid` must map each key to a non-empty list of values")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    points = [{**run, **combo} for run in runs for combo in combos]
-    if len(points) < 1 or points == [{}]:
+    points = [{**base, **run, **combo} for run in runs for combo in combos]
+    if not spec.get("runs") and not grid:
         raise ConfigError(f"sweep file {path} defines no runs: add `runs:` or `grid:` entries")
     return points
 
