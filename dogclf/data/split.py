@@ -90,7 +90,8 @@ def write_split_csv(path: Path, splits: dict[str, list[Sample]], classes: Sequen
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "class", "split", "sha1"])
         writer.writerows(rows)
