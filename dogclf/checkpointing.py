@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a (re)started run continues from: `checkpoints/last.ckpt` if present."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return last if last.is_file() else None
+    """The checkpoint a (re)started run continues from: the newest readable one in `checkpoints/` (normally
+    `last.ckpt`). A file that cannot be loaded (truncated by a crash outside `atomic_torch_save`, bit rot) is
+    reported and skipped in favour of the next newest."""
+    folder = run_dir / "checkpoints"
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
+    for path in candidates:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... on damaged files
+            warnings.warn(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); skipping it", stacklevel=2)
+            continue
+        return path
+    return None

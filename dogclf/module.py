@@ -89,6 +89,11 @@ class DogClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss = self.criterion(self.model(images), labels)
+        if not torch.isfinite(loss):  # stop before a NaN reaches the weights and the next checkpoint
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}): lower "
+                "optim.lr or set optim.grad_clip; checkpoints/last.ckpt still holds the last good epoch"
+            )
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.numel())
         self._train_loss_sum += torch.stack([loss.detach() * labels.numel(), loss.new_tensor(labels.numel())])
         return loss

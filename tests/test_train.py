@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dogclf.checkpointing import atomic_torch_save
+from dogclf.checkpointing import atomic_torch_save, resume_checkpoint
 from dogclf.config import REPO_ROOT, load_job
 from dogclf.train import resolve_precision, train
 
@@ -127,6 +129,30 @@ def test_atomic_save_keeps_old_file_when_write_fails(tmp_path):
         atomic_torch_save({"step": 2, "bad": lambda: None}, path)  # unpicklable: write fails midway
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_non_finite_loss_stops_training_and_saves_nothing_bad(white_dogs, tmp_path):
+    cfg = tiny_job(white_dogs, tmp_path, "trainer.max_epochs=3", "optim.lr=1e30", "optim.grad_clip=null")
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step \d+ \(epoch 0\)"):
+        train(cfg)
+    assert not list((tmp_path / "tiny" / "checkpoints").glob("*.ckpt"))  # no checkpoint holds diverged weights
+
+
+def test_truncated_checkpoint_is_reported_and_skipped(trained, tmp_path):
+    run_dir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
+    last = copy / "checkpoints" / "last.ckpt"
+    assert resume_checkpoint(copy) == last
+    last.write_bytes(last.read_bytes()[:1000])  # what a crash of a non-atomic writer would leave
+    os.utime(last)  # and it is the newest file
+    with pytest.warns(UserWarning, match="last.ckpt is unreadable"):
+        fallback = resume_checkpoint(copy)
+    assert fallback.name.startswith("best-epoch")
+    for path in (copy / "checkpoints").glob("best-*.ckpt"):
+        path.write_bytes(b"")
+    with pytest.warns(UserWarning):
+        assert resume_checkpoint(copy) is None
 
 
 @pytest.mark.parametrize(
