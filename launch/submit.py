@@ -197,6 +197,7 @@ def slurm_parameters(args: argparse.Namespace, minutes: int) -> dict:
         time=minutes,
         signal_delay_s=args.signal_delay,
         stderr_to_stdout=True,
+        srun_args=["--kill-on-bad-exit=1"],  # one rank dying ends the job instead of leaving the others blocked
         **{key: value for key, value in resources.items() if value is not None},
     )
 

@@ -250,6 +250,45 @@ def test_cancel_is_reported_and_the_run_can_be_resumed(slurm, white_dogs, tmp_pa
     assert missing.returncode == 2 and "--resume 999999" in missing.stderr
 
 
+def task_pid(job_id: str, rank: int) -> int:
+    """The PID of one rank's python process of a Slurm job (read from /proc: same host, other namespaces)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = dict(
+                item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item
+            )
+            cmdline = (entry / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if environ.get("SLURM_JOB_ID") == job_id and environ.get("SLURM_PROCID") == str(rank) and "submitit" in cmdline:
+            return int(entry.name)
+    raise AssertionError(f"no process of rank {rank} in job {job_id}")
+
+
+def test_a_killed_rank_ends_the_job_and_it_resumes(slurm, white_dogs, tmp_path):
+    follower = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "launch/submit.py"), "--output", str(tmp_path), "--mode=gmlp", "--gpus=2",
+         "--cpus-per-task=1", "--follow", "--name=killed", *tiny(white_dogs, "trainer.max_epochs=400")],
+        cwd=REPO_ROOT, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    for line in follower.stdout:
+        lines.append(line)
+        if line.startswith("epoch 2/"):
+            break
+    (job_id,) = re.findall(r"submitted job (\S+)", "".join(lines))
+    os.kill(task_pid(job_id, rank=1), 9)
+    rest, _ = follower.communicate(timeout=120)  # rank 0 does not wait forever on the dead rank
+    assert follower.returncode == 1 and f"job {job_id} ended" in rest, rest
+    assert sacct_state(slurm, job_id) == "FAILED"
+    run_dir = tmp_path / "killed" / job_id
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    done, ids = launch(slurm, tmp_path, "--mode=gmlp", "--gpus=2", "--cpus-per-task=1", "--follow", "--name=killed",
+                       f"--resume={job_id}", f"--max-epochs={saved['epoch'] + 2}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert rank_reports(run_dir, ids[0], tasks=2)[0]["start_step"] == saved["global_step"]
+
+
 def test_sbatch_template_writes_the_same_layout(slurm, white_dogs, tmp_path):
     env = {**slurm, "DOGCLF_OUTPUT": str(tmp_path)}
     done = subprocess.run(
