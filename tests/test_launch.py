@@ -289,6 +289,30 @@ def test_a_killed_rank_ends_the_job_and_it_resumes(slurm, white_dogs, tmp_path):
     assert rank_reports(run_dir, ids[0], tasks=2)[0]["start_step"] == saved["global_step"]
 
 
+def test_scontrol_requeue_restarts_from_the_last_checkpoint(slurm, white_dogs, tmp_path):
+    epochs = 30
+    follower = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "launch/submit.py"), "--output", str(tmp_path), "--mode=gmlp", "--gpus=1",
+         "--cpus-per-task=1", "--follow", "--name=requeued", *tiny(white_dogs, f"trainer.max_epochs={epochs}")],
+        cwd=REPO_ROOT, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    for line in follower.stdout:
+        lines.append(line)
+        if line.startswith("epoch 3/"):
+            break
+    (job_id,) = re.findall(r"submitted job (\S+)", "".join(lines))
+    subprocess.run(["scontrol", "requeue", job_id], env=slurm, check=True)  # what an admin or a preemption does
+    rest, _ = follower.communicate(timeout=300)
+    assert follower.returncode == 0, rest
+    run_dir = tmp_path / "requeued" / job_id
+    (report,) = rank_reports(run_dir, job_id, tasks=1)
+    per_epoch = steps_per_epoch(train_size(run_dir), world_size=1, batch_size=4)
+    assert report["start_step"] > 0 and report["start_step"] % per_epoch == 0  # the rerun resumed at an epoch end
+    assert report["metrics"]["global_step"] == epochs * per_epoch
+    assert sacct_state(slurm, job_id) == "COMPLETED"
+
+
 def test_sbatch_template_writes_the_same_layout(slurm, white_dogs, tmp_path):
     env = {**slurm, "DOGCLF_OUTPUT": str(tmp_path)}
     done = subprocess.run(
