@@ -3,6 +3,7 @@ where the run ran, and a one-line epoch log for batch jobs."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import signal
@@ -58,6 +59,98 @@ class ConfusionMatrixImages(pl.Callback):
         title = f"{stage} epoch {trainer.current_epoch}  balanced acc {result['balanced_accuracy']:.3f}"
         image = figure_to_array(confusion_matrix_figure(result["confusion"], pl_module.classes, title))
         logger.experiment.add_image(f"{stage}/confusion_matrix", image, trainer.global_step, dataformats="HWC")
+
+
+def _validation_outputs(trainer: pl.Trainer, pl_module: pl.LightningModule):
+    """(probabilities (N, C), labels (N,)) of the last validation epoch on rank 0 with a TensorBoard logger, from
+    the logits the module gathered from all ranks (`val_logits`, minus its `logit_offset` as evaluation does)."""
+    outputs = getattr(pl_module, "val_logits", None)
+    if (trainer.sanity_checking or not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger)
+            or outputs is None or len(outputs[1]) == 0):
+        return None
+    logits, labels = outputs
+    offset = getattr(pl_module, "logit_offset", None)
+    if offset is not None:
+        logits = logits.float() - offset.detach().float().cpu()
+    return logits.float().softmax(dim=1), labels
+
+
+class MisclassifiedImages(pl.Callback):
+    """A TensorBoard image (`val/misclassified`) of up to `max_images` validation images the model got wrong, each
+    titled with its true class, the predicted class and its probability, every `every_n_epochs` validation epochs.
+
+    Rank 0 only, and cheap: predictions come from the logits the module already gathered (`val_logits`), pixels from
+    the datamodule's decoded uint8 cache (center-cropped as evaluation does, so nothing to denormalise). Mistakes
+    are taken round-robin over the true classes, most confident first, so that rare classes show up.
+    """
+
+    def __init__(self, max_images: int = 16, every_n_epochs: int = 1) -> None:
+        self.max_images = max_images
+        self.every_n_epochs = every_n_epochs
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch % self.every_n_epochs:
+            return
+        outputs = _validation_outputs(trainer, pl_module)
+        dataset = getattr(getattr(trainer, "datamodule", None), "datasets", {}).get("val")
+        if outputs is None or dataset is None or len(dataset) != len(outputs[1]):
+            return
+        probabilities, labels = outputs
+        # The gathered order: rank 0's shard, then rank 1's... (ShardSampler gives rank r the items r, r + W, ...).
+        world = trainer.world_size
+        order = [i for rank in range(world) for i in range(rank, len(dataset), world)]
+        if [dataset.labels[i] for i in order] != labels.tolist():  # not the layout this relies on: draw nothing
+            return
+        confidence, predicted = (t.tolist() for t in probabilities.max(dim=1))
+        truth = labels.tolist()
+        wrong = [i for i, (p, t) in enumerate(zip(predicted, truth)) if p != t]
+        by_class = [sorted((i for i in wrong if truth[i] == c), key=lambda i: -confidence[i])
+                    for c in range(probabilities.shape[1])]
+        picked = [i for group in itertools.zip_longest(*by_class) for i in group if i is not None][: self.max_images]
+        classes = pl_module.classes
+        cells = [
+            (dataset.images[order[i]], f"{classes[truth[i]]}\n-> {classes[predicted[i]]} {confidence[i]:.2f}")
+            for i in picked
+        ]
+        title = (f"val epoch {trainer.current_epoch}: {len(wrong)} of {len(labels)} misclassified"
+                 + (f" (showing {len(cells)})" if len(cells) < len(wrong) else ""))
+        image = figure_to_array(_image_grid(cells, int(pl_module.hparams.image_size), title))
+        trainer.logger.experiment.add_image("val/misclassified", image, trainer.global_step, dataformats="HWC")
+
+
+def _image_grid(cells: list[tuple[torch.Tensor, str]], image_size: int, title: str, columns: int = 4):
+    """A matplotlib figure: uint8 CHW images (center-cropped to `image_size`) with their captions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.transforms.v2.functional import center_crop
+
+    columns = max(1, min(columns, len(cells)))
+    rows = max(1, -(-len(cells) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + 0.4), dpi=80, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, caption) in zip(axes.flat, cells):
+        ax.imshow(center_crop(image, [image_size, image_size]).permute(1, 2, 0).numpy())
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+class PrecisionRecallCurves(pl.Callback):
+    """One TensorBoard precision-recall curve per class (`val/pr_curve/<class>`, one-vs-rest on the softmax
+    probabilities) for every validation epoch, from the logits the module already gathered. Rank 0 only."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        outputs = _validation_outputs(trainer, pl_module)
+        if outputs is None:
+            return
+        probabilities, labels = outputs
+        writer = trainer.logger.experiment
+        for index, name in enumerate(pl_module.classes):
+            writer.add_pr_curve(f"val/pr_curve/{name}", labels == index, probabilities[:, index], trainer.global_step)
 
 
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "lightning-fabric", "torchmetrics", "submitit", "numpy")

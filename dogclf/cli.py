@@ -9,7 +9,7 @@ import time
 
 from dogclf.config import ConfigError, JobConfig, load_job
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FloatingPointError)  # FloatingPointError: loss diverged
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, *, cluster: bool = False) -> None:
@@ -132,7 +132,88 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
     report.add_argument("--out", metavar="DIR", help="also write report.md and the confusion-matrix PNGs here")
     report.set_defaults(handler=run_report)
+    add_inference_commands(commands)
     return parser
+
+
+def add_inference_commands(commands) -> None:
+    """`evaluate`, `predict` and `export`: use a trained checkpoint (dogclf/inference.py)."""
+    checkpoint = {"required": True, "metavar": "CKPT", "help": "a training checkpoint: <run>/checkpoints/last.ckpt "
+                  "or best-epochNNN.ckpt (the EMA weights are used when the run had EMA)"}
+    devices = {"default": "auto", "help": "auto (a GPU when there is one), cpu or cuda[:N] (default: %(default)s)"}
+    evaluate = commands.add_parser("evaluate", help="metrics of a checkpoint on a folder with one sub-folder per "
+                                   "class, or on one split of its run")
+    evaluate.add_argument("--checkpoint", **checkpoint)
+    evaluate.add_argument("--data", required=True, metavar="DIR", help="one sub-folder of images per class (matched "
+                          "to the model's classes by name); with --split, the data root the run trained on")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), help="evaluate exactly this split of the run "
+                          "(read from --split-csv; default: test when --split-csv is given)")
+    evaluate.add_argument("--split-csv", metavar="PATH", help="a run's split.csv (default with --split: the "
+                          "checkpoint's <run>/split.csv)")
+    evaluate.add_argument("--out", metavar="DIR", help="where the confusion-matrix PNG and the result JSON go "
+                          "(default: <run>/eval)")
+    evaluate.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: %(default)s, "
+                          "the training default)")
+    evaluate.add_argument("--device", **devices)
+    evaluate.set_defaults(handler=run_evaluate)
+    predict = commands.add_parser("predict", help="top-k breeds of images (files or folders, searched recursively)")
+    predict.add_argument("--checkpoint", **checkpoint)
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument("--top-k", type=int, default=3, help="classes per image (default: %(default)s)")
+    predict.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output (default: "
+                         "%(default)s)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    predict.add_argument("--device", **devices)
+    predict.set_defaults(handler=run_predict)
+    export = commands.add_parser("export", help="write the model with its preprocessing and class names as "
+                                 "TorchScript or ONNX")
+    export.add_argument("--checkpoint", **checkpoint)
+    export.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="(default: "
+                        "%(default)s; onnx needs the onnx package, onnxruntime to verify)")
+    export.add_argument("--out", required=True, metavar="FILE", help="the file to write (.pt or .onnx)")
+    export.set_defaults(handler=run_export)
+
+
+def _positive(value: int, option: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{option} {value}: must be 1 or more")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from dogclf.inference import evaluate, format_evaluation, to_json
+
+    _positive(args.batch_size, "--batch-size")
+    result = evaluate(args.checkpoint, args.data, split_csv=args.split_csv, split=args.split, out=args.out,
+                      batch_size=args.batch_size, seed=args.seed, device=args.device)
+    print(to_json(result) if args.json else format_evaluation(result))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from dogclf.inference import format_predictions, predict
+
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.top_k, "--top-k")
+    result = predict(args.checkpoint, args.paths, top_k=args.top_k, batch_size=args.batch_size, device=args.device)
+    print(format_predictions(result, args.format))
+    if args.format == "table":
+        for entry in result["unreadable"]:
+            print(f"warning: cannot read {entry['path']}: {entry['error']}", file=sys.stderr)
+    return 0 if result["predictions"] else 1
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from dogclf.inference import export
+
+    result = export(args.checkpoint, args.format, args.out)
+    diff = result["max_abs_diff"]
+    check = f"max |logit difference| {diff:.2e} ({result['verified_with']})" if diff is not None else \
+        result["verified_with"]
+    print(f"wrote {result['path']} ({result['format']}, {len(result['classes'])} classes, input "
+          f"{result['image_size']} px); {check}")
+    return 0
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -18,7 +18,14 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import Strategy
 
-from dogclf.callbacks import ConfusionMatrixImages, EpochSummary, RunEnvironment, Throughput
+from dogclf.callbacks import (
+    ConfusionMatrixImages,
+    EpochSummary,
+    MisclassifiedImages,
+    PrecisionRecallCurves,
+    RunEnvironment,
+    Throughput,
+)
 from dogclf.checkpointing import AtomicCheckpointIO, resume_checkpoint
 from dogclf.config import ConfigError, JobConfig, save_config
 from dogclf.data import WhiteDogsDataModule
@@ -119,6 +126,8 @@ def build_trainer(
             LearningRateMonitor(logging_interval="step"),
             Throughput(),
             ConfusionMatrixImages(),
+            MisclassifiedImages(),
+            PrecisionRecallCurves(),
             RunEnvironment(run_dir / "env"),
             *([] if progress_bar else [EpochSummary()]),
             *callbacks,
