@@ -47,30 +47,29 @@ SHOT_GROUPS = (("many", 101, math.inf), ("medium", 20, 100), ("few", 0, 19))  # 
 def bootstrap_intervals(
     confusion: torch.Tensor, *, resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of accuracy, balanced accuracy and macro-F1.
+    """Stratified percentile bootstrap intervals of accuracy, balanced accuracy and macro-F1.
 
-    Resampling the evaluated images with replacement is drawing `n` cells from the confusion matrix in proportion
-    to their counts. A rare class may be absent from a resample: balanced accuracy then averages the classes that
-    are present, as on any split; with one or two test images per class this is exactly the uncertainty to show.
+    Each resample redraws, class by class, as many test images as the class has (with replacement, from that
+    class's row of the confusion matrix), so every class stays present and balanced accuracy keeps its meaning.
+    A class with one or two test images contributes almost no spread here: its own uncertainty is the Wilson
+    interval of its recall (`wilson_interval`), reported next to it.
     """
     cm = confusion.double().cpu()
     classes, n = cm.shape[0], int(cm.sum())
     if n == 0:
         return {key: (math.nan, math.nan) for key in ("accuracy", "balanced_accuracy", "macro_f1")}
     generator = torch.Generator().manual_seed(seed)
-    draws = torch.multinomial(cm.flatten() / n, n * resamples, replacement=True, generator=generator)
-    cms = torch.zeros(resamples, classes * classes, dtype=torch.double)
-    cms.scatter_add_(1, draws.view(resamples, n), torch.ones(resamples, n, dtype=torch.double))
-    cms = cms.view(resamples, classes, classes)  # (R, C, C)
+    cms = torch.zeros(resamples, classes, classes, dtype=torch.double)  # (R, C, C)
+    for c in range(classes):
+        n_c = int(cm[c].sum())
+        if n_c:
+            draws = torch.multinomial(cm[c] / n_c, n_c * resamples, replacement=True, generator=generator)
+            cms[:, c].scatter_add_(1, draws.view(resamples, n_c), torch.ones(resamples, n_c, dtype=torch.double))
     support, predicted, hits = cms.sum(2), cms.sum(1), cms.diagonal(dim1=1, dim2=2)  # (R, C) each
-    present = support > 0
-    recall = hits / support.clamp(min=1)
-    f1 = 2 * hits / (support + predicted).clamp(min=1)
-    values = {
-        "accuracy": hits.sum(1) / n,
-        "balanced_accuracy": (recall * present).sum(1) / present.sum(1),
-        "macro_f1": (f1 * present).sum(1) / present.sum(1),
-    }
+    present = cm.sum(1) > 0  # (C,)
+    recall = hits[:, present] / support[:, present]
+    f1 = 2 * hits[:, present] / (support + predicted)[:, present]
+    values = {"accuracy": hits.sum(1) / n, "balanced_accuracy": recall.mean(1), "macro_f1": f1.mean(1)}
     tail = (1 - level) / 2
     quantiles = torch.tensor([tail, 1 - tail], dtype=torch.double)
     return {key: tuple(torch.quantile(v, quantiles).tolist()) for key, v in values.items()}

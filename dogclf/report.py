@@ -8,9 +8,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from dogclf.config import ConfigError
+from dogclf.metrics import bootstrap_intervals
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -61,6 +63,9 @@ def summarise(run_dirs: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
         if metrics["classes"] != classes:
             raise ConfigError(f"{run_dir} has classes {metrics['classes']}, others {classes}: report one dataset")
         key = (f"{metrics['architecture']} ({metrics['image_size']} px)", method_label(cfg))
+        # Intervals recomputed from the confusion matrix: one method for every run, whichever version wrote it.
+        interval = bootstrap_intervals(torch.tensor(metrics["test_confusion_matrix"]), seed=cfg["trainer"]["seed"])
+        metrics["test_balanced_accuracy_ci"] = list(interval["balanced_accuracy"])
         groups[key].append({**metrics, "seed": cfg["trainer"]["seed"], "run_dir": str(run_dir)})
     ordered = [{"architecture": a, "method": m, "runs": groups[(a, m)]} for a, m in sorted(groups)]
     return ordered, classes
@@ -94,7 +99,6 @@ def markdown_table(groups: list[dict[str, Any]], classes: list[str]) -> str:
 def write_confusion_pngs(groups: list[dict[str, Any]], classes: list[str], out_dir: Path) -> list[Path]:
     """One PNG per group: the test confusion matrices of its seeds, summed."""
     import matplotlib.pyplot as plt
-    import torch
 
     from dogclf.metrics import confusion_matrix_figure
 

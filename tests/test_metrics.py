@@ -45,21 +45,31 @@ def test_confusion_matrix_picture_renders():
     assert image.min() < 100 < image.max()  # not a blank canvas
 
 
-def test_bootstrap_intervals_bracket_the_point_estimate_and_widen_with_fewer_images():
-    confusion = torch.tensor([[80, 20], [3, 7]])
+def test_stratified_bootstrap_intervals_match_the_normal_approximation():
+    confusion = torch.tensor([[80, 20], [3, 7]])  # class a: 80/100 right, class b: 7/10
     point = classification_metrics(confusion, ["a", "b"])
     ci = bootstrap_intervals(confusion, resamples=4000)
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         low, high = ci[key]
         assert low <= point[key] <= high, key
-    p, n = 87 / 110, 110
-    half = 1.96 * math.sqrt(p * (1 - p) / n)  # the normal approximation of the accuracy's interval
-    assert math.isclose(ci["accuracy"][0], p - half, abs_tol=0.015) and math.isclose(
-        ci["accuracy"][1], p + half, abs_tol=0.015
-    )
-    small = bootstrap_intervals(torch.tensor([[8, 2], [0, 1]]), resamples=4000)["balanced_accuracy"]
-    assert small[1] - small[0] > ci["balanced_accuracy"][1] - ci["balanced_accuracy"][0]
+    # Resampling within each class: var(recall_c) = p_c (1 - p_c) / n_c.
+    half = 1.96 * math.sqrt((100 / 110) ** 2 * 0.8 * 0.2 / 100 + (10 / 110) ** 2 * 0.7 * 0.3 / 10)
+    assert math.isclose(ci["accuracy"][0], 87 / 110 - half, abs_tol=0.015)
+    assert math.isclose(ci["accuracy"][1], 87 / 110 + half, abs_tol=0.015)
+    half = 1.96 * math.sqrt(0.25 * (0.8 * 0.2 / 100 + 0.7 * 0.3 / 10))
+    assert math.isclose(ci["balanced_accuracy"][0], 0.75 - half, abs_tol=0.03)
+    assert math.isclose(ci["balanced_accuracy"][1], 0.75 + half, abs_tol=0.03)
     assert bootstrap_intervals(confusion, seed=3) == bootstrap_intervals(confusion, seed=3)
+
+
+def test_every_class_stays_in_every_resample():
+    # b has one test image, recalled: every resample keeps it, so balanced accuracy never drops below 0.5 + 0
+    # (a plain bootstrap would drop b from some resamples and average a alone). Its own uncertainty is the
+    # Wilson interval of 1/1.
+    low, high = bootstrap_intervals(torch.tensor([[8, 2], [0, 1]]), resamples=4000)["balanced_accuracy"]
+    assert 0.5 <= low < 0.9 <= high <= 1.0
+    always_majority = bootstrap_intervals(torch.tensor([[150, 0, 0], [19, 0, 0], [1, 0, 0]]))["balanced_accuracy"]
+    assert always_majority == (1 / 3, 1 / 3)
 
 
 def test_wilson_interval_hand_values():
