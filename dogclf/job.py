@@ -21,9 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import submitit
+import submitit  # nothing heavier at import: submitit installs its requeue handler only after unpickling the job
 
-from dogclf.checkpointing import resume_checkpoint
 from dogclf.config import ConfigError, JobConfig
 
 
@@ -101,6 +100,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         is always whole; saving here instead would wait on a barrier the other ranks never reach. The new attempt
         is a fresh `TrainingJob(cfg)` that finds the newest checkpoint itself, as a node-failure requeue does.
         """
+        from dogclf.checkpointing import resume_checkpoint
+
         run_id = self.run_id or str(submitit.JobEnvironment().job_id)
         last = resume_checkpoint(run_dir_of(self.cfg, run_id))
         if last is None:
