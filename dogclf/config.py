@@ -8,6 +8,7 @@ field after loading; unknown keys and wrong types are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -216,6 +217,17 @@ def _validate(cfg: JobConfig) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}: fix it in the job spec or with --set {key.split(' ')[0]}=...")
+
+
+def writable_dir(path: Path, fix: str = "pass --output DIR on writable storage") -> Path:
+    """Create `path` (with parents) and check that files can be written in it; else a ConfigError saying `fix`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output directory {path} cannot be written ({err.strerror}): {fix}") from None
+    return path
 
 
 def parse_override(text: str) -> tuple[str, Any]:

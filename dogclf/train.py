@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from dogclf.callbacks import (
     Throughput,
 )
 from dogclf.checkpointing import AtomicCheckpointIO, resume_checkpoint
-from dogclf.config import ConfigError, JobConfig, save_config
+from dogclf.config import JobConfig, save_config, writable_dir
 from dogclf.data import WhiteDogsDataModule
 from dogclf.data.sampling import SAMPLER_POWERS
 from dogclf.losses import class_weights, ldam_margins, log_prior
@@ -61,19 +60,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def default_run_dir(cfg: JobConfig) -> Path:
     """`<output>/<name>`: where a local run lives (cluster jobs add their job id below it)."""
     return Path(cfg.output).expanduser().resolve() / cfg.name
-
-
-def prepare_run_dir(run_dir: Path) -> Path:
-    """Create `run_dir` or fail with a message that says how to fix it."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"output directory {run_dir} is not writable ({err.strerror}): pass --output DIR on writable storage"
-        ) from None
-    return run_dir
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -153,7 +139,7 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
     create_model(cfg.model.preset, num_classes=2, image_size=cfg.data.image_size, **model_overrides(spec["model"]))
     data = WhiteDogsDataModule(cfg.data, seed=cfg.trainer.seed)
     data.setup()
-    run_dir = prepare_run_dir(run_dir or default_run_dir(cfg))
+    run_dir = writable_dir(run_dir or default_run_dir(cfg))
     trainer = build_trainer(cfg, run_dir, **placement)
     module = DogClassifier(
         model_cfg=spec["model"],

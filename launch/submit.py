@@ -19,7 +19,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,7 @@ import submitit
 import yaml
 
 from dogclf.cli import add_train_arguments, overrides_from_args, run
-from dogclf.config import ConfigError, JobConfig, config_from_dict, load_job
+from dogclf.config import ConfigError, JobConfig, config_from_dict, load_job, writable_dir
 from dogclf.job import TrainingJob
 from dogclf.sweep import load_sweep, sweep_jobs
 
@@ -163,16 +162,7 @@ def job_configs(args: argparse.Namespace) -> list[JobConfig]:
 
 def prepare_output(cfg: JobConfig) -> Path:
     """`<output>/<name>`, created and checked writable before anything is submitted."""
-    root = Path(cfg.output) / cfg.name
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"output directory {root} cannot be written ({err.strerror}): pass --output DIR on "
-            "writable shared storage (or set DOGCLF_OUTPUT)"
-        ) from None
+    root = writable_dir(Path(cfg.output) / cfg.name, "pass --output DIR on writable shared storage (or DOGCLF_OUTPUT)")
     if not Path(cfg.data.root).is_dir():
         raise ConfigError(f"data root {cfg.data.root} does not exist: pass --data DIR (one sub-folder per class)")
     return root

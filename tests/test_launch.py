@@ -214,18 +214,25 @@ def test_dry_run_shows_the_requested_placement(slurm, tmp_path):
     assert not (tmp_path / "gmlp").exists()
 
 
-def test_cancel_is_reported_and_the_run_can_be_resumed(slurm, white_dogs, tmp_path):
+def follow_until_epoch(slurm, white_dogs, tmp_path, *flags, epoch: int, max_epochs: int):
+    """Start `submit.py --follow` in the background and return (process, job id) once rank 0 finished `epoch`."""
     follower = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "launch/submit.py"), "--output", str(tmp_path), "--mode=gmlp", "--gpus=1",
-         "--cpus-per-task=1", "--follow", "--name=cancel", *tiny(white_dogs, "trainer.max_epochs=500")],
+        [sys.executable, str(REPO_ROOT / "launch/submit.py"), "--output", str(tmp_path), "--mode=gmlp",
+         "--cpus-per-task=1", "--follow", *flags, *tiny(white_dogs, f"trainer.max_epochs={max_epochs}")],
         cwd=REPO_ROOT, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines = []
     for line in follower.stdout:  # wait until it really trains
         lines.append(line)
-        if line.startswith("epoch 1/"):
+        if line.startswith(f"epoch {epoch}/"):
             break
     (job_id,) = re.findall(r"submitted job (\S+)", "".join(lines))
+    return follower, job_id
+
+
+def test_cancel_is_reported_and_the_run_can_be_resumed(slurm, white_dogs, tmp_path):
+    follower, job_id = follow_until_epoch(slurm, white_dogs, tmp_path, "--gpus=1", "--name=cancel", epoch=1,
+                                          max_epochs=500)
     subprocess.run(["scancel", job_id], env=slurm, check=True)
     rest, _ = follower.communicate(timeout=120)
     assert follower.returncode == 1
@@ -266,17 +273,8 @@ def task_pid(job_id: str, rank: int) -> int:
 
 
 def test_a_killed_rank_ends_the_job_and_it_resumes(slurm, white_dogs, tmp_path):
-    follower = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "launch/submit.py"), "--output", str(tmp_path), "--mode=gmlp", "--gpus=2",
-         "--cpus-per-task=1", "--follow", "--name=killed", *tiny(white_dogs, "trainer.max_epochs=400")],
-        cwd=REPO_ROOT, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines = []
-    for line in follower.stdout:
-        lines.append(line)
-        if line.startswith("epoch 2/"):
-            break
-    (job_id,) = re.findall(r"submitted job (\S+)", "".join(lines))
+    follower, job_id = follow_until_epoch(slurm, white_dogs, tmp_path, "--gpus=2", "--name=killed", epoch=2,
+                                          max_epochs=400)
     os.kill(task_pid(job_id, rank=1), 9)
     rest, _ = follower.communicate(timeout=120)  # rank 0 does not wait forever on the dead rank
     assert follower.returncode == 1 and f"job {job_id} ended" in rest, rest
@@ -291,17 +289,8 @@ def test_a_killed_rank_ends_the_job_and_it_resumes(slurm, white_dogs, tmp_path):
 
 def test_scontrol_requeue_restarts_from_the_last_checkpoint(slurm, white_dogs, tmp_path):
     epochs = 30
-    follower = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "launch/submit.py"), "--output", str(tmp_path), "--mode=gmlp", "--gpus=1",
-         "--cpus-per-task=1", "--follow", "--name=requeued", *tiny(white_dogs, f"trainer.max_epochs={epochs}")],
-        cwd=REPO_ROOT, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines = []
-    for line in follower.stdout:
-        lines.append(line)
-        if line.startswith("epoch 3/"):
-            break
-    (job_id,) = re.findall(r"submitted job (\S+)", "".join(lines))
+    follower, job_id = follow_until_epoch(slurm, white_dogs, tmp_path, "--gpus=1", "--name=requeued", epoch=3,
+                                          max_epochs=epochs)
     subprocess.run(["scontrol", "requeue", job_id], env=slurm, check=True)  # what an admin or a preemption does
     rest, _ = follower.communicate(timeout=300)
     assert follower.returncode == 0, rest
