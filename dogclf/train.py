@@ -26,13 +26,13 @@ from dogclf.callbacks import (
     Throughput,
 )
 from dogclf.checkpointing import AtomicCheckpointIO, resume_checkpoint
-from dogclf.config import JobConfig, save_config, writable_dir
+from dogclf.config import ConfigError, JobConfig, save_config, writable_dir
 from dogclf.data import WhiteDogsDataModule
 from dogclf.data.sampling import SAMPLER_POWERS
 from dogclf.losses import class_weights, ldam_margins, log_prior
 from dogclf.metrics import bootstrap_intervals, shot_group_recall, wilson_interval
 from dogclf.models import create_model, load_pretrained
-from dogclf.module import DogClassifier, model_overrides
+from dogclf.module import MODEL_OVERRIDES, DogClassifier, model_overrides
 
 MONITOR = "val/balanced_accuracy"
 TABLE_COLUMNS = ("Architecture", "Train Loss", "Val Loss", "Test Loss", "Test Acc", "Balanced Acc", "Macro-F1")
@@ -149,6 +149,8 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
         image_size=cfg.data.image_size,
     )
     resume = resume_checkpoint(run_dir)
+    if resume is not None:
+        check_same_model(resume, module.hparams)
     if trainer.is_global_zero:
         save_config(cfg, run_dir / "config.yaml")
         data.write_split_csv(run_dir / "split.csv")
@@ -172,6 +174,19 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
         trainer.logger.log_hyperparams(hparams(cfg), {f"hp/{k}": v for k, v in flat_numbers(metrics).items()})
         trainer.logger.finalize("success")
     return metrics
+
+
+def check_same_model(checkpoint: Path, hparams: Any) -> None:
+    """Refuse to resume a checkpoint of another network or class list, saying what differs and how to fix it."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+    fields = {"classes": lambda h: list(h["classes"]), "image_size": lambda h: h["image_size"]}
+    fields.update({f"model.{k}": (lambda h, k=k: h["model_cfg"][k]) for k in ("preset", *MODEL_OVERRIDES)})
+    differ = [f"{name} {get(saved)!r} -> {get(hparams)!r}" for name, get in fields.items() if get(saved) != get(hparams)]
+    if differ:
+        raise ConfigError(
+            f"{checkpoint} was trained with other settings ({'; '.join(differ)}): start a new run with another "
+            "--name, or resume with the original settings"
+        )
 
 
 def class_stats(classes: list[str], counts: list[int], cfg: JobConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dogclf.checkpointing import atomic_torch_save, resume_checkpoint
-from dogclf.config import REPO_ROOT, load_job
+from dogclf.config import REPO_ROOT, ConfigError, load_job
 from dogclf.train import resolve_precision, train
 
 TINY = [
@@ -136,6 +136,17 @@ def test_non_finite_loss_stops_training_and_saves_nothing_bad(white_dogs, tmp_pa
     with pytest.raises(FloatingPointError, match=r"training loss is nan at step \d+ \(epoch 0\)"):
         train(cfg)
     assert not list((tmp_path / "tiny" / "checkpoints").glob("*.ckpt"))  # no checkpoint holds diverged weights
+
+
+def test_resume_refuses_another_model_or_class_list(trained, white_dogs, tmp_path):
+    run_dir, _ = trained
+    shutil.copytree(run_dir, tmp_path / "tiny")
+    config_before = (tmp_path / "tiny" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"model.preset 'gmlp-pico' -> 'basic-mlp'.*another --name"):
+        train(tiny_job(white_dogs, tmp_path, "model.preset=basic-mlp", "trainer.max_epochs=3"))
+    with pytest.raises(ConfigError, match=r"image_size 32 -> 64"):
+        train(tiny_job(white_dogs, tmp_path, "data.image_size=64", "trainer.max_epochs=3"))
+    assert (tmp_path / "tiny" / "config.yaml").read_text() == config_before  # nothing overwritten
 
 
 def test_truncated_checkpoint_is_reported_and_skipped(trained, tmp_path):
