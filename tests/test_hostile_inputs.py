@@ -37,14 +37,19 @@ def gradient(width: int = 60, height: int = 40) -> Image.Image:
     return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], axis=-1))
 
 
+def copy_photos(white_dogs: Path, root: Path, classes: tuple[str, ...], count: int) -> Path:
+    """The first `count` real photos (by name) of each class, copied into root/<class>/."""
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for path in sorted((white_dogs / name).glob("*.jpg"))[:count]:
+            shutil.copy(path, root / name / path.name)
+    return root
+
+
 @pytest.fixture
 def hostile_root(tmp_path: Path, white_dogs: Path) -> Path:
     """Two classes of real photos plus one of every kind of odd file."""
-    root = tmp_path / "dogs"
-    for name in ("maltese", "samoyed"):
-        (root / name).mkdir(parents=True)
-        for path in sorted((white_dogs / name).glob("*.jpg"))[:6]:
-            shutil.copy(path, root / name / path.name)
+    root = copy_photos(white_dogs, tmp_path / "dogs", ("maltese", "samoyed"), 6)
     odd = root / "samoyed"
     real = sorted((white_dogs / "samoyed").glob("*.jpg"))[10].read_bytes()
     (odd / "truncated.jpg").write_bytes(real[: len(real) // 3])
@@ -105,11 +110,7 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
 
 
 def test_decompression_bomb_is_skipped(tmp_path: Path, white_dogs: Path) -> None:
-    root = tmp_path / "dogs"
-    for name in ("maltese", "samoyed"):
-        (root / name).mkdir(parents=True)
-        for path in sorted((white_dogs / name).glob("*.jpg"))[:4]:
-            shutil.copy(path, root / name / path.name)
+    root = copy_photos(white_dogs, tmp_path / "dogs", ("maltese", "samoyed"), 4)
     # A 30000 x 30000 PNG of one colour compresses to a few hundred kilobytes.
     save(Image.new("1", (30000, 30000)), root / "samoyed" / "bomb.png", optimize=True)
     dm = WhiteDogsDataModule(data_config(root), seed=0)
@@ -119,10 +120,7 @@ def test_decompression_bomb_is_skipped(tmp_path: Path, white_dogs: Path) -> None
 
 
 def test_class_left_without_usable_images_fails_before_training(tmp_path: Path, white_dogs: Path) -> None:
-    root = tmp_path / "dogs"
-    (root / "maltese").mkdir(parents=True)
-    for path in sorted((white_dogs / "maltese").glob("*.jpg"))[:4]:
-        shutil.copy(path, root / "maltese" / path.name)
+    root = copy_photos(white_dogs, tmp_path / "dogs", ("maltese",), 4)
     (root / "spitz").mkdir()
     (root / "spitz" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(DataError, match=r"spitz has no usable images"), warnings.catch_warnings():
