@@ -100,11 +100,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
         is always whole; saving here instead would wait on a barrier the other ranks never reach. The new attempt
         is a fresh `TrainingJob(cfg)` that finds the newest checkpoint itself, as a node-failure requeue does.
         """
-        from dogclf.checkpointing import resume_checkpoint
-
+        # Stdlib only: this runs inside a signal handler, possibly while the main thread is importing torch.
         run_id = self.run_id or str(submitit.JobEnvironment().job_id)
-        last = resume_checkpoint(run_dir_of(self.cfg, run_id))
-        if last is None:
+        last = run_dir_of(self.cfg, run_id) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
             print("requeue: no checkpoint yet, the next attempt starts from the beginning", flush=True)
         else:
             age = time.time() - last.stat().st_mtime
