@@ -108,9 +108,11 @@ class DogClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["train_loss"] = self.train_loss
+        checkpoint["train_loss_sum"] = self._train_loss_sum.tolist()  # a checkpoint written mid-epoch goes on with it
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.train_loss = checkpoint.get("train_loss", math.nan)
+        self._train_loss_sum.copy_(torch.tensor(checkpoint.get("train_loss_sum", [0.0, 0.0])))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -179,6 +181,8 @@ class DogClassifier(pl.LightningModule):
             [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg["lr"],
             betas=tuple(cfg["betas"]),
+            # One kernel for all parameters; fp16 loss scaling (a GradScaler) would refuse gradient clipping with it.
+            fused=self.trainer.precision != "16-mixed",
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup_steps = int(total_steps * cfg["warmup_epochs"] / max(1, self.trainer.max_epochs))

@@ -106,9 +106,8 @@ def test_spatial_gating_unit_starts_as_identity_on_u():
     for block in model.blocks:
         assert 0.5e-6 < block.sgu.proj.weight.std().item() < 2e-6
         assert torch.equal(block.sgu.proj.bias, torch.ones(64))
-    z = torch.randn(2, 64, 6 * 32)  # (B, N, d_ffn)
-    u = z[..., : 3 * 32]  # the FIRST half passes through; the second half gates it
-    torch.testing.assert_close(model.blocks[0].sgu(z), u, atol=1e-4, rtol=0)
+    u, v = torch.randn(64, 2, 2, 3 * 32).unbind(2)  # (N, B, d_ffn / 2) each
+    torch.testing.assert_close(model.blocks[0].sgu(u, v), u, atol=1e-4, rtol=0)  # v gates u; at init the gate is 1
 
 
 def test_drop_path_rises_linearly_and_eval_is_deterministic():

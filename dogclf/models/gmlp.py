@@ -57,7 +57,7 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = x.new_empty(x.shape[0], *[1] * (x.ndim - 1)).bernoulli_(1 - self.p)  # (B, 1, 1)
+        keep = x.new_empty(1, x.shape[1], 1).bernoulli_(1 - self.p)  # (1, B, 1): one draw per sample
         return x * keep / (1 - self.p)
 
     def extra_repr(self) -> str:
@@ -75,13 +75,13 @@ class SpatialGatingUnit(nn.Module):
         nn.init.normal_(self.proj.weight, std=1e-6)
         nn.init.ones_(self.proj.bias)
 
-    def forward(self, z: torch.Tensor, attn: torch.Tensor | None = None) -> torch.Tensor:
-        u, v = z.chunk(2, dim=-1)  # (B, N, F/2) each; u is the first half, as in timm
-        v = self.proj(rearrange(self.norm(v), "b n c -> b c n"))  # (B, F/2, N)
-        v = rearrange(v, "b c n -> b n c")
+    def forward(self, u: torch.Tensor, v: torch.Tensor, attn: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.norm(v)  # u, v: (N, B, F/2)
+        # Token-major layout: mixing tokens is one GEMM, W (N, N) @ v (N, B*F/2), with no transposed copies.
+        v = torch.addmm(self.proj.bias[:, None], self.proj.weight, v.flatten(1)).view_as(v)
         if attn is not None:
             v = v + attn
-        return u * v  # (B, N, F/2)
+        return u * v  # (N, B, F/2)
 
 
 class TinyAttention(nn.Module):
@@ -93,8 +93,8 @@ class TinyAttention(nn.Module):
         self.proj = nn.Linear(attn_dim, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, A) each
-        return self.proj(F.scaled_dot_product_attention(q, k, v))  # (B, N, dim_out)
+        q, k, v = rearrange(self.qkv(x), "n b a -> b n a").chunk(3, dim=-1)  # (B, N, A) each
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b n a -> n b a"))  # (N, B, dim_out)
 
 
 class GMLPBlock(nn.Module):
@@ -107,10 +107,14 @@ class GMLPBlock(nn.Module):
         self.proj_out = nn.Linear(dim_ffn // 2, dim)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, B, D) -> (N, B, D)
         h = self.norm(x)
+        # proj_in as two GEMMs on its weight halves (views): u and v come out contiguous, so the gate's LayerNorm
+        # needs no copy of v and the backward no concatenation of their gradients. u is the first half, as in timm.
+        (w_u, w_v), (b_u, b_v) = self.proj_in.weight.chunk(2), self.proj_in.bias.chunk(2)
+        u, v = F.gelu(F.linear(h, w_u, b_u)), F.gelu(F.linear(h, w_v, b_v))  # (N, B, F/2) each
         attn = self.attn(h) if self.attn is not None else None  # aMLP attends to the normalised block input
-        return x + self.drop_path(self.proj_out(self.sgu(F.gelu(self.proj_in(h)), attn)))
+        return x + self.drop_path(self.proj_out(self.sgu(u, v, attn)))
 
 
 class GMLP(nn.Module):
@@ -166,9 +170,9 @@ class GMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes)
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"this gMLP takes {self.image_size}x{self.image_size} images, got {tuple(x.shape[-2:])}")
-        x = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")  # (B, N, D)
+        x = rearrange(self.patch_embed(x), "b d h w -> (h w) b d")  # (N, B, D): token-major, see SpatialGatingUnit
         x = self.norm(self.blocks(x))
-        return self.head(x.mean(dim=1))
+        return self.head(x.mean(dim=0))
 
 
 def timm_to_dogclf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
