@@ -16,8 +16,6 @@ best square-matmul FLOP/s of the same device, precision and thread count.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from machine import machine_info  # benchmarks/machine.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from dogclf.models import create_model
@@ -182,8 +181,7 @@ def main() -> None:
     cases = [Case.parse(text) for text in args.models.split(",")]
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    print(f"# {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; python {platform.python_version()}")
+    print(f"# Training step\n{machine_info(device)}")
     ceilings = {p: matmul_ceiling(device, DTYPES[p]) for p in precisions}
     if not native_bf16 and "bf16" not in ceilings:
         emulated = matmul_ceiling(device, torch.bfloat16, sizes=(512,))
@@ -238,14 +236,6 @@ def compile_row(case: Case, batch: int, precision: str, device: torch.device, ar
     speed = {k: batch / s for k, s in seconds.items()}
     return [str(case), precision, f"{speed['eager']:.1f}", f"{speed['compiled']:.1f}",
             f"{1 / ratios['compiled']:.2f}x", f"{first - steady:.0f}"]
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":

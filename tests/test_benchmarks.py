@@ -8,12 +8,15 @@ Helpers: `run_script(name, *args, cwd=...)` runs benchmarks/<name> (asserting su
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120  # a quick run takes under 30 s on 2 busy cores; the limit only stops a hang
@@ -94,3 +97,57 @@ def test_missing_data_root_is_a_one_line_error(script: str, tmp_path: Path) -> N
         f"error: data root {tmp_path / 'absent'} does not exist: pass --data DIR, a folder with one sub-folder per "
         "class"
     )
+
+
+def load_model_step(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))  # as when run as a script: machine.py beside it
+    spec = importlib.util.spec_from_file_location("model_step", REPO_ROOT / "benchmarks" / "model_step.py")
+    module = sys.modules["model_step"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_step_compares_the_same_function_as_timm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timm model the benchmark races against computes exactly our function once given our weights."""
+    from dogclf.models.gmlp import timm_to_dogclf
+
+    model_step = load_model_step(monkeypatch)
+    torch.manual_seed(0)
+    ours = model_step.build(model_step.Case("gmlp-nano", 64)).eval()
+    theirs = model_step.timm_gmlp(ours, 64).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.05)  # every weight random: the near-identity gate init would hide a wrong mapping
+    ours.load_state_dict(timm_to_dogclf(theirs.state_dict()), strict=True)
+    x = torch.randn(3, 3, 64, 64)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-4)
+
+
+def test_model_step_prints_speed_mfu_and_compile_tables(tmp_path: Path) -> None:
+    args = ["--device", "cpu", "--models", "gmlp-pico@32,basic-mlp@32", "--batch-sizes", "4", "--precisions", "fp32",
+            "--steps", "2", "--warmup", "1", "--threads", "1"]
+    speed, mfu = tables(run_script("model_step.py", *args, cwd=tmp_path).stdout)
+    assert [(row["model"], row["batch"]) for row in speed] == [("gmlp-pico @ 32 px", "4"), ("basic-mlp @ 32 px", "4")]
+    gmlp, mlp = speed
+    positive(gmlp["timm img/s"]) and positive(gmlp["ours/timm"].rstrip("x"))
+    assert (mlp["timm img/s"], mlp["ours/timm"]) == ("-", "-")  # no timm counterpart
+    for row in mfu:
+        assert 0 < float(row["MFU"]) <= 1.5 and positive(row["GFLOP/img (fwd+bwd)"])
+    # FLOPs are counted, not estimated: the pico model's matmuls (patch 8, dim 32, 2 blocks) x 3 for forward and
+    # backward, except the patch embedding, whose input needs no gradient (x 2).
+    tokens, dim, ffn = (32 // 8) ** 2, 32, 6 * 32
+    embed = 2 * tokens * 3 * 8 * 8 * dim
+    blocks = 2 * 2 * tokens * (dim * ffn + ffn // 2 * dim + tokens * ffn // 2)
+    expected = 2 * embed + 3 * (blocks + 2 * dim * 4)
+    assert float(mfu[0]["GFLOP/img (fwd+bwd)"]) == pytest.approx(expected / 1e9, rel=0.01)
+
+
+def test_gpu_script_runs_small_on_cpu(white_dogs: Path, tmp_path: Path) -> None:
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh"), "--cpu-smoke", "--data", str(white_dogs)],
+                            cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                            timeout=2 * TIMEOUT_S, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = tables(result.stdout)
+    assert found[0][0]["model"] == "gmlp-pico @ 32 px" and positive(found[0][0]["ours img/s"])
+    summary = {row["summary"].split(" (")[0]: row["value"] for row in found[-1]}
+    positive(summary["train img/s"])
