@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from dogclf.data.sampling import EpochSampler
 from dogclf.metrics import confusion_matrix_figure, figure_to_array
 
 
@@ -28,6 +31,8 @@ class Throughput(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
         self._images = 0
+
+    on_train_start = on_train_epoch_start  # a run resumed mid-epoch starts without an epoch start
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -214,6 +219,8 @@ class EpochSummary(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
 
+    on_train_start = on_train_epoch_start  # a run resumed mid-epoch starts without an epoch start
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -268,3 +275,64 @@ class KeepClusterSignals(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._handler is not None:
             signal.signal(signal.SIGTERM, self._handler)
+
+
+class CheckpointOnSignal(pl.Callback):
+    """Local runs: Ctrl-C (SIGINT) or SIGTERM ends training after the current batch with the state saved to `path`;
+    `signum` then names the signal. A second Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint stays).
+
+    The stop is Lightning's own on SIGTERM (it ends the batch, then raises SIGTERMException), asked for only after a
+    batch that is not the last of its epoch: a checkpoint written there resumes exactly (see `ResumeSampler`), while
+    one written inside the epoch-end validation would not. A signal in an epoch's last batch or its validation stops
+    after the next batch, or before testing when training is over.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.signum: int | None = None
+        self._saved_step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # only the main thread can take signals
+            for signum in (signal.SIGINT, signal.SIGTERM):  # Lightning puts the previous handlers back after fit
+                signal.signal(signum, self._request_stop)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT == self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this batch (Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.signum is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.signum is not None:  # it came in the last batch or the last validation: stop before testing
+            raise SIGTERMException
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._saved_step = trainer.global_step
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        requested = isinstance(exception, SIGTERMException) and self.signum is not None
+        if requested and self._saved_step != trainer.global_step:  # not just saved at the epoch's end
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class ResumeSampler(pl.Callback):
+    """A resumed run trains the epoch it continues, and from a mid-epoch checkpoint (`CheckpointOnSignal`) only the
+    batches its sampler had not served yet. Lightning restores the loop's progress (the epoch still ends after its
+    usual number of batches) but a plain DataLoader has no position to restore, and with loader workers it drew
+    the first batches before `set_epoch`: the sampler is told where to go on and the iterator is made again."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if trainer.ckpt_path is None or not isinstance(getattr(loader, "sampler", None), EpochSampler):
+            return
+        loop = trainer.fit_loop
+        done = loop.epoch_loop.batch_progress.current.completed if loop.restarted_mid_epoch else 0
+        loader.sampler.resume(trainer.current_epoch, done * loader.batch_size)
+        iter(loop._data_fetcher)  # Lightning made the iterator before the checkpoint's epoch was known

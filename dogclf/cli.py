@@ -54,11 +54,18 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dogclf.train import train
+    from dogclf.train import Interrupted, train
 
     cfg = job_from_args(args)
     start = time.perf_counter()
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except Interrupted as stop:  # Ctrl-C or SIGTERM in training: a checkpoint was saved
+        print(stop, file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:  # while the data is read, or after testing
+        print("interrupted outside training (nothing new to save); run the same command again to go on", file=sys.stderr)
+        return 130
     print_results(metrics, minutes=(time.perf_counter() - start) / 60)
     return 0
 

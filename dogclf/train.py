@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,15 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import Strategy
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dogclf.callbacks import (
+    CheckpointOnSignal,
     ConfusionMatrixImages,
     EpochSummary,
     MisclassifiedImages,
     PrecisionRecallCurves,
+    ResumeSampler,
     RunEnvironment,
     Throughput,
 )
@@ -60,6 +65,20 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def default_run_dir(cfg: JobConfig) -> Path:
     """`<output>/<name>`: where a local run lives (cluster jobs add their job id below it)."""
     return Path(cfg.output).expanduser().resolve() / cfg.name
+
+
+class Interrupted(Exception):
+    """A local run stopped by a signal, its checkpoint saved; `exit_status` is the shell's 128 + signal number."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        self.exit_status = 128 + signum
+        name = signal.Signals(signum).name
+        if checkpoint.is_file():
+            step = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+            super().__init__(f"interrupted ({name}) at step {step}; checkpoint saved to {checkpoint}; run the same "
+                             "command again to resume")
+        else:
+            super().__init__(f"interrupted ({name}) before the first checkpoint; run the same command again to start")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -115,6 +134,7 @@ def build_trainer(
             MisclassifiedImages(),
             PrecisionRecallCurves(),
             RunEnvironment(run_dir / "env"),
+            ResumeSampler(),
             *([] if progress_bar else [EpochSummary()]),
             *callbacks,
         ],
@@ -126,10 +146,12 @@ def build_trainer(
 
 
 def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> dict[str, Any]:
-    """Train `cfg` in `run_dir` (default `<output>/<name>`), continuing from its last checkpoint if there is one.
+    """Train `cfg` in `run_dir`, continuing from its last checkpoint if there is one, then test; returns the metrics
+    (on every rank; rank 0 writes them).
 
-    `placement` (num_nodes, strategy, plugins, callbacks, progress_bar) goes to `build_trainer`; cluster jobs pass it.
-    Returns the metrics (on every rank; rank 0 writes them).
+    Without `run_dir`, a local run in `<output>/<name>`; with one device, Ctrl-C or SIGTERM saves a checkpoint and
+    raises `Interrupted`. `placement` (num_nodes, strategy, plugins, callbacks, progress_bar) goes to
+    `build_trainer`; cluster jobs pass it with their `run_dir`.
     """
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -139,8 +161,21 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
     create_model(cfg.model.preset, num_classes=2, image_size=cfg.data.image_size, **model_overrides(spec["model"]))
     data = WhiteDogsDataModule(cfg.data, seed=cfg.trainer.seed)
     data.setup()
-    run_dir = writable_dir(run_dir or default_run_dir(cfg))
+    if run_dir is not None or cfg.trainer.devices > 1:  # a cluster job, or local ranks sharing <output>/<name>
+        return fit_and_test(cfg, data, writable_dir(run_dir or default_run_dir(cfg)), **placement)
+    run_dir = writable_dir(default_run_dir(cfg))
+    stop = CheckpointOnSignal(run_dir / "checkpoints" / "last.ckpt")
+    callbacks = [*placement.pop("callbacks", ()), stop]
+    try:
+        return fit_and_test(cfg, data, run_dir, callbacks=callbacks, **placement)
+    except SIGTERMException:  # Lightning's stop: asked for by `stop` in training, on SIGTERM anywhere else
+        raise Interrupted(stop.signum or signal.SIGTERM, stop.path) from None
+
+
+def fit_and_test(cfg: JobConfig, data: WhiteDogsDataModule, run_dir: Path, **placement: Any) -> dict[str, Any]:
+    """`train` once the data is ready and the run directory chosen."""
     trainer = build_trainer(cfg, run_dir, **placement)
+    spec = cfg.to_dict()
     module = DogClassifier(
         model_cfg=spec["model"],
         optim_cfg=spec["optim"],
@@ -160,7 +195,9 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
     elif resume is not None:
         print(f"Resuming from {resume}")
 
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    with warnings.catch_warnings():  # ResumeSampler does resume a mid-epoch run's loader exactly
+        warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
     if "val" not in module.eval_results:  # the run was already complete: evaluate what it ended with
         trainer.validate(module, datamodule=data, verbose=False)
     posthoc = module.tune_posthoc_adjustment() if cfg.optim.posthoc_adjust else None

@@ -48,6 +48,16 @@ def test_epochs_differ_and_replay_identically() -> None:
     assert shards(weights, 2, epoch=1, seed=1) != shards(weights, 2, epoch=1, seed=0)
 
 
+def test_resume_serves_the_rest_of_an_interrupted_epoch_then_whole_epochs() -> None:
+    weights = class_sampling_weights(LABELS, COUNTS, power=1.0)
+    sampler = EpochSampler(weights, seed=0, rank=1, world_size=2)
+    sampler.resume(3, 10)  # a run stopped after 10 of this rank's samples of epoch 3
+    assert list(sampler) == shards(weights, 2, epoch=3)[1][10:]
+    assert len(sampler) == len(shards(weights, 2, epoch=3)[1])  # the epoch still counts all its batches
+    sampler.set_epoch(4)
+    assert list(sampler) == shards(weights, 2, epoch=4)[1]
+
+
 def test_every_rank_sees_the_target_class_frequencies() -> None:
     labels = torch.tensor(LABELS)
     counts = torch.tensor(COUNTS, dtype=torch.double)

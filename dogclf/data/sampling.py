@@ -28,7 +28,8 @@ class EpochSampler(Sampler[int]):
     (seed, epoch) — identical on all ranks — and rank r takes positions r, r + W, r + 2W, ... so ranks see disjoint
     parts of one epoch and the same number of batches. Uniform weights give a permutation (every image once, a few
     repeated only to pad); otherwise images are drawn with replacement in proportion to their weight. A resumed
-    run that calls `set_epoch` again replays exactly the epochs it has not trained yet.
+    run that calls `set_epoch` again replays exactly the epochs it has not trained yet; `resume` continues an epoch
+    that was interrupted part-way.
     """
 
     def __init__(self, weights: torch.Tensor, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -39,9 +40,15 @@ class EpochSampler(Sampler[int]):
         self.uniform = bool((self.weights == self.weights[0]).all())
         self.total = math.ceil(len(self.weights) / world_size) * world_size
         self.epoch = 0
+        self.resume_point = (0, 0)  # (epoch, position in this rank's share) where an interrupted epoch continues
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, position: int) -> None:
+        """Continue `epoch` at `position` of this rank's share: the indices not trained yet, in their original order
+        (a run resumed from a mid-epoch checkpoint). Every other epoch is served whole; `len` stays the whole share."""
+        self.epoch, self.resume_point = epoch, (epoch, position)
 
     def epoch_indices(self) -> torch.Tensor:
         """The whole epoch's draw, before it is split between ranks."""
@@ -53,7 +60,9 @@ class EpochSampler(Sampler[int]):
         return torch.multinomial(self.weights, self.total, replacement=True, generator=generator)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.rank :: self.world_size].tolist())
+        epoch, position = self.resume_point
+        start = position if epoch == self.epoch else 0
+        return iter(self.epoch_indices()[self.rank :: self.world_size][start:].tolist())
 
     def __len__(self) -> int:
         return self.total // self.world_size

@@ -1,0 +1,130 @@
+"""Nothing lost on a local run (issue 6): Ctrl-C / SIGTERM. Real `python app.py` processes, real signals."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import TINY, tiny_job
+
+from dogclf.config import REPO_ROOT
+from dogclf.train import Interrupted, train
+
+EPOCHS = 4
+
+
+def app(white_dogs: Path, output: Path, *extra: str) -> list[str]:
+    """`python app.py` for a tiny local run named `tiny` in `output`: running it again resumes it."""
+    settings = [*TINY, "data.batch_size=4", f"trainer.max_epochs={EPOCHS}", *extra]
+    return [sys.executable, str(REPO_ROOT / "app.py"), "--data", str(white_dogs), "--output", str(output),
+            "--name", "tiny", *[arg for item in settings for arg in ("--set", item)]]
+
+
+def launch(command: list[str], logs: Path, name: str) -> subprocess.Popen:
+    """Start `command` in a session of its own (a signal to its group is a terminal's Ctrl-C); output in files."""
+    with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+        return subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=err, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, logs: Path, name: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a process `launch`ed as `name`."""
+    process.wait(timeout=300)
+    return process.returncode, (logs / f"{name}.out").read_text(), (logs / f"{name}.err").read_text()
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended (exit status {process.returncode}) before the awaited moment"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def checkpoint_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def steps_per_epoch(run_dir: Path) -> int:
+    with open(run_dir / "split.csv") as handle:
+        return math.ceil(sum(row["split"] == "train" for row in csv.DictReader(handle)) / 4)
+
+
+def logged_steps(run_dir: Path, tag: str = "train/loss_step") -> list[list[int]]:
+    """The steps at which `tag` was logged, one list per TensorBoard event file holding it (a process writes one file
+    for fitting, then others for testing), oldest first."""
+    per_file = []
+    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            per_file.append([event.step for event in events.Scalars(tag)])
+    return per_file
+
+
+def completed(run_dir: Path, target_step: int) -> None:
+    """The run in `run_dir` ended at `target_step` after EPOCHS epochs, one validation point per epoch."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run_dir"] == str(run_dir)
+    assert (metrics["epochs"], metrics["global_step"]) == (EPOCHS, target_step)
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == target_step
+    spe = target_step // EPOCHS
+    assert sum(logged_steps(run_dir, "val/loss"), []) == [spe * epoch - 1 for epoch in range(1, EPOCHS + 1)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_saves_a_checkpoint_mid_epoch_and_the_run_resumes_there(white_dogs, tmp_path, signum):
+    command = app(white_dogs, tmp_path)
+    run_dir = tmp_path / "tiny"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    stopped = launch(command, tmp_path, "stopped")
+    wait_for(last.is_file, stopped)  # the first epoch is done
+    os.killpg(stopped.pid, signum)  # to the process group, as a terminal sends Ctrl-C
+    status, _, err = finish(stopped, tmp_path, "stopped")
+    spe, step = steps_per_epoch(run_dir), checkpoint_step(last)
+    assert status == 128 + signum
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (f"interrupted ({signal.Signals(signum).name}) at step {step}; checkpoint saved "
+                                    f"to {last}; run the same command again to resume")
+    assert spe < step < EPOCHS * spe and step % spe  # written at the signal, mid-epoch
+
+    status, out, err = finish(launch(command, tmp_path, "resumed"), tmp_path, "resumed")
+    assert status == 0, err
+    completed(run_dir, EPOCHS * spe)  # the interrupted epoch was not made longer
+    assert logged_steps(run_dir) == [list(range(step)), list(range(step, EPOCHS * spe))]  # nothing redone
+
+
+class Batches(pl.Callback):
+    """Records the labels of every training batch; sends this process SIGTERM once `stop_at` steps are done."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at = stop_at
+        self.labels: list[list[int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.labels.append(batch[1].tolist())
+        if trainer.global_step == self.stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(("workers", "signal_at", "stop_at"), [(0, 8, 8), (1, 6, 7)])
+def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epoch(white_dogs, tmp_path, workers, signal_at, stop_at):
+    """6 steps per epoch: a signal after step 8 stops there; one after step 6, the end of the first epoch, stops a
+    batch into the second (a checkpoint between the last batch and the epoch's validation would not resume)."""
+    def job(output):
+        return tiny_job(white_dogs, output, "data.batch_size=4", "trainer.max_epochs=2", f"data.num_workers={workers}")
+
+    whole, first, rest = Batches(), Batches(stop_at=signal_at), Batches()
+    train(job(tmp_path / "whole"), callbacks=[whole])
+    with pytest.raises(Interrupted, match=f"at step {stop_at}; checkpoint saved"):
+        train(job(tmp_path / "split"), callbacks=[first])
+    train(job(tmp_path / "split"), callbacks=[rest])
+    assert len(first.labels) == stop_at and first.labels + rest.labels == whole.labels  # the same batches, in order
