@@ -13,12 +13,13 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save to a temporary file in the same (existing) folder, fsync, then rename over `path`.
 
-    A crash at any moment leaves either the previous file or the new one, never a truncated one.
+    A crash at any moment leaves either the previous file or the new one, never a truncated one. A missing folder is
+    not made again (FileNotFoundError: a run directory removed mid-run stays removed); a failed write is an OSError
+    naming `path` (ENOSPC when the disk is full), not torch's opaque RuntimeError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -26,8 +27,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        cause = err if isinstance(err, OSError) else err.__context__  # torch.save hides it behind a RuntimeError
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror, str(path)) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -7,9 +7,10 @@ import os
 import sys
 import time
 
-from dogclf.config import ConfigError, JobConfig, load_job
+from dogclf.config import ConfigError, JobConfig, StorageError, load_job
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FloatingPointError)  # FloatingPointError: loss diverged
+# FloatingPointError: the loss diverged; StorageError: the disk filled up or the run directory went away mid-run
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, FloatingPointError)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, *, cluster: bool = False) -> None:

@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A job spec or override the user must fix; the message says what and how."""
 
 
+class StorageError(Exception):
+    """The run directory stopped taking writes during a run (disk full, directory removed); says what to do."""
+
+
 @dataclass
 class ModelConfig:
     preset: str  # a name from `dogclf.models.list_models()`

@@ -4,12 +4,15 @@ cluster launchers all end up here."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import signal
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from dogclf.callbacks import (
     Throughput,
 )
 from dogclf.checkpointing import AtomicCheckpointIO, resume_checkpoint
-from dogclf.config import ConfigError, JobConfig, save_config, writable_dir
+from dogclf.config import ConfigError, JobConfig, StorageError, save_config, writable_dir
 from dogclf.data import WhiteDogsDataModule
 from dogclf.data.sampling import SAMPLER_POWERS
 from dogclf.losses import class_weights, ldam_margins, log_prior
@@ -79,6 +82,34 @@ class Interrupted(Exception):
                              "command again to resume")
         else:
             super().__init__(f"interrupted ({name}) before the first checkpoint; run the same command again to start")
+
+
+@contextmanager
+def storage_errors_reported(run_dir: Path) -> Iterator[None]:
+    """A full disk or a removed folder met by any writer (checkpoint, TensorBoard, metrics) as a StorageError saying
+    what to do; checkpoints are written atomically, so the last one on disk is whole."""
+    previous_hook = threading.excepthook
+    # TensorBoard's writer thread dies printing the OSError that the main thread meets next and reports below.
+    threading.excepthook = lambda args: None if storage_errno(args.exc_value) else previous_hook(args)
+    try:
+        yield
+    except OSError as err:
+        folders = Path(err.filename).parents if isinstance(err.filename, str) else [run_dir]
+        missing = [folder for folder in folders if not folder.is_dir()]  # nearest first
+        if storage_errno(err) == errno.ENOENT and missing:
+            raise StorageError(f"{missing[-1]} was removed during the run: nothing more can be saved there; run the "
+                               "same command again to start the run afresh") from err
+        if storage_errno(err) in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"no space left on the disk of {run_dir}: free space, then run the same command again "
+                               "to resume from the last checkpoint, which is intact") from err
+        raise
+    finally:
+        threading.excepthook = previous_hook
+
+
+def storage_errno(err: BaseException | None) -> int | None:
+    """ENOSPC or EDQUOT (no space left), ENOENT (a folder gone) when `err` is such an OSError, else None."""
+    return err.errno if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOENT) else None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -162,18 +193,22 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
     data = WhiteDogsDataModule(cfg.data, seed=cfg.trainer.seed)
     data.setup()
     if run_dir is not None or cfg.trainer.devices > 1:  # a cluster job, or local ranks sharing <output>/<name>
-        return fit_and_test(cfg, data, writable_dir(run_dir or default_run_dir(cfg)), **placement)
+        run_dir = writable_dir(run_dir or default_run_dir(cfg))
+        with storage_errors_reported(run_dir):
+            return fit_and_test(cfg, data, run_dir, **placement)
     run_dir = writable_dir(default_run_dir(cfg))
-    stop = CheckpointOnSignal(run_dir / "checkpoints" / "last.ckpt")
-    callbacks = [*placement.pop("callbacks", ()), stop]
-    try:
-        return fit_and_test(cfg, data, run_dir, callbacks=callbacks, **placement)
-    except SIGTERMException:  # Lightning's stop: asked for by `stop` in training, on SIGTERM anywhere else
-        raise Interrupted(stop.signum or signal.SIGTERM, stop.path) from None
+    with storage_errors_reported(run_dir):
+        stop = CheckpointOnSignal(run_dir / "checkpoints" / "last.ckpt")
+        callbacks = [*placement.pop("callbacks", ()), stop]
+        try:
+            return fit_and_test(cfg, data, run_dir, callbacks=callbacks, **placement)
+        except SIGTERMException:  # Lightning's stop: asked for by `stop` in training, on SIGTERM anywhere else
+            raise Interrupted(stop.signum or signal.SIGTERM, stop.path) from None
 
 
 def fit_and_test(cfg: JobConfig, data: WhiteDogsDataModule, run_dir: Path, **placement: Any) -> dict[str, Any]:
     """`train` once the data is ready and the run directory chosen."""
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
     trainer = build_trainer(cfg, run_dir, **placement)
     spec = cfg.to_dict()
     module = DogClassifier(

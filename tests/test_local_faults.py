@@ -1,9 +1,12 @@
-"""Nothing lost on a local run (issue 6): Ctrl-C / SIGTERM. Real `python app.py` processes, real signals."""
+"""Nothing lost on a local run (issue 6): Ctrl-C / SIGTERM, a full disk, a removed run directory. Real `python app.py`
+processes, real signals, a real full filesystem (tmpfs, needs root)."""
 
 import csv
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import TINY, tiny_job
 
+from dogclf.checkpointing import atomic_torch_save
 from dogclf.config import REPO_ROOT
 from dogclf.train import Interrupted, train
 
@@ -128,3 +132,67 @@ def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epoch(white_dogs, tmp_p
         train(job(tmp_path / "split"), callbacks=[first])
     train(job(tmp_path / "split"), callbacks=[rest])
     assert len(first.labels) == stop_at and first.labels + rest.labels == whole.labels  # the same batches, in order
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs, unmounted afterwards: room for a run, and a disk that fills in a moment."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(disk: Path) -> None:
+    with open(disk / "filler", "wb", buffering=0) as handle, pytest.raises(OSError) as full:
+        while True:
+            handle.write(bytes(1 << 16))
+    assert full.value.errno == errno.ENOSPC
+
+
+def test_atomic_save_on_a_full_disk_names_the_file_and_keeps_the_old_one(small_disk):
+    path = small_disk / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+    fill(small_disk)
+    with pytest.raises(OSError) as full:
+        atomic_torch_save({"step": 2, "weights": torch.zeros(1 << 20)}, path)
+    assert (full.value.errno, full.value.filename) == (errno.ENOSPC, str(path))  # not torch's "unexpected pos"
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "last.ckpt"]  # no temporary left
+
+
+def test_atomic_save_does_not_make_a_removed_folder_again(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        atomic_torch_save({"step": 1}, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_mid_run_is_a_one_line_error_and_the_last_checkpoint_stays_whole(white_dogs, small_disk, tmp_path):
+    run_dir = small_disk / "tiny"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    process = launch(app(white_dogs, small_disk), tmp_path, "run")
+    wait_for(last.is_file, process)
+    fill(small_disk)
+    saved = checkpoint_step(last)
+    status, _, err = finish(process, tmp_path, "run")
+    assert status == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: no space left on the disk of {run_dir}: free space, then run the same "
+                                    "command again to resume from the last checkpoint, which is intact")
+    assert checkpoint_step(last) == saved  # loads with weights_only=True: whole
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_run_directory_removed_mid_run_stops_with_a_one_line_error(white_dogs, tmp_path):
+    run_dir = tmp_path / "runs" / "tiny"
+    process = launch(app(white_dogs, tmp_path / "runs"), tmp_path, "run")
+    wait_for((run_dir / "checkpoints" / "last.ckpt").is_file, process)
+    run_dir.rename(tmp_path / "gone")  # `rm -rf` in one step (rmtree could race the run's next write)
+    shutil.rmtree(tmp_path / "gone")
+    status, _, err = finish(process, tmp_path, "run")
+    assert status == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: {run_dir} was removed during the run: nothing more can be saved there; "
+                                    "run the same command again to start the run afresh")
+    assert not run_dir.exists()  # not silently made again

@@ -60,6 +60,7 @@ def load_images(files: dict[str, Path], short_side: int, cache_dir: str | Path |
     if cached is not None:
         return cached
     images, failures = _decode_all(files, short_side)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"images": images, "failures": failures}, path)  # concurrent ranks race safely
     return images, failures
 
