@@ -28,7 +28,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, cluster: bool = Fals
         parser.add_argument("--output", help="output root; the run directory is <output>/<name> (default: the job "
                             "spec's output, ./runs)")
         parser.add_argument("--name", help="run name (default: the job spec's name); an existing run with a "
-                            "checkpoint is resumed")
+                            "checkpoint is resumed, unless another run is training in it: this run then gets a new <name>-2")
     parser.add_argument("--max-epochs", type=int, help="number of epochs (default: the job spec's trainer.max_epochs)")
     parser.add_argument("--init-from", metavar="PATH", help="start from weights in PATH: a timm gMLP state dict or a "
                         "dogclf checkpoint (the head is re-initialised when the class count differs)")

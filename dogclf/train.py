@@ -5,6 +5,8 @@ cluster launchers all end up here."""
 from __future__ import annotations
 
 import errno
+import fcntl
+import itertools
 import json
 import math
 import os
@@ -82,6 +84,36 @@ class Interrupted(Exception):
                              "command again to resume")
         else:
             super().__init__(f"interrupted ({name}) before the first checkpoint; run the same command again to start")
+
+
+@contextmanager
+def claim_run_dir(path: Path) -> Iterator[Path]:
+    """Hold `path` for this process, or when another run holds it, a new `<path>-2`, `<path>-3`...
+
+    The hold is an flock on `.lock` inside: the kernel drops it when the process ends, even on kill -9, so the same
+    command run again later gets `path` and resumes there; two runs at once never share a directory.
+    """
+    for n in itertools.count(1):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        if n == 1:
+            writable_dir(candidate)
+        else:
+            try:
+                candidate.mkdir()  # only a new folder: never another run's
+            except FileExistsError:
+                continue
+        lock = os.open(candidate / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            os.close(lock)
+    if candidate != path:
+        print(f"{path} is in use by another run: this run uses {candidate} (resume it with --name {candidate.name})")
+    try:
+        yield candidate
+    finally:
+        os.close(lock)
 
 
 @contextmanager
@@ -180,9 +212,9 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
     """Train `cfg` in `run_dir`, continuing from its last checkpoint if there is one, then test; returns the metrics
     (on every rank; rank 0 writes them).
 
-    Without `run_dir`, a local run in `<output>/<name>`; with one device, Ctrl-C or SIGTERM saves a checkpoint and
-    raises `Interrupted`. `placement` (num_nodes, strategy, plugins, callbacks, progress_bar) goes to
-    `build_trainer`; cluster jobs pass it with their `run_dir`.
+    Without `run_dir`, a local run in `<output>/<name>`. With one device it holds that directory (`claim_run_dir`),
+    and Ctrl-C or SIGTERM saves a checkpoint and raises `Interrupted`. `placement` (num_nodes, strategy, plugins,
+    callbacks, progress_bar) goes to `build_trainer`; cluster jobs pass it with their `run_dir`.
     """
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -196,8 +228,7 @@ def train(cfg: JobConfig, *, run_dir: Path | None = None, **placement: Any) -> d
         run_dir = writable_dir(run_dir or default_run_dir(cfg))
         with storage_errors_reported(run_dir):
             return fit_and_test(cfg, data, run_dir, **placement)
-    run_dir = writable_dir(default_run_dir(cfg))
-    with storage_errors_reported(run_dir):
+    with claim_run_dir(default_run_dir(cfg)) as run_dir, storage_errors_reported(run_dir):
         stop = CheckpointOnSignal(run_dir / "checkpoints" / "last.ckpt")
         callbacks = [*placement.pop("callbacks", ()), stop]
         try:

@@ -1,5 +1,5 @@
-"""Nothing lost on a local run (issue 6): Ctrl-C / SIGTERM, a full disk, a removed run directory. Real `python app.py`
-processes, real signals, a real full filesystem (tmpfs, needs root)."""
+"""Nothing lost on a local run (issue 6): Ctrl-C / SIGTERM, a full disk, a removed run directory, two runs of one name
+at once. Real `python app.py` processes, real signals, a real full filesystem (tmpfs, needs root)."""
 
 import csv
 import errno
@@ -196,3 +196,18 @@ def test_run_directory_removed_mid_run_stops_with_a_one_line_error(white_dogs, t
     assert err.splitlines()[-1] == (f"error: {run_dir} was removed during the run: nothing more can be saved there; "
                                     "run the same command again to start the run afresh")
     assert not run_dir.exists()  # not silently made again
+
+
+def test_two_runs_of_one_name_at_once_get_a_directory_each(white_dogs, tmp_path):
+    command = app(white_dogs, tmp_path)
+    runs = [launch(command, tmp_path, name) for name in ("one", "two")]
+    results = [finish(process, tmp_path, name) for process, name in zip(runs, ("one", "two"))]
+    assert [status for status, _, _ in results] == [0, 0], [err for _, _, err in results]
+    notices = [line for _, out, _ in results for line in out.splitlines() if "in use by another run" in line]
+    assert notices == [f"{tmp_path / 'tiny'} is in use by another run: this run uses {tmp_path / 'tiny-2'} (resume "
+                       "it with --name tiny-2)"]
+    for run_dir in (tmp_path / "tiny", tmp_path / "tiny-2"):
+        target = EPOCHS * steps_per_epoch(run_dir)
+        completed(run_dir, target)
+        assert logged_steps(run_dir) == [list(range(target))]  # one process trained here, every step once
+        assert (run_dir / "config.yaml").is_file()
