@@ -1,5 +1,5 @@
-"""Nothing lost on a local run (issue 6): Ctrl-C / SIGTERM, a full disk, a removed run directory, two runs of one name
-at once. Real `python app.py` processes, real signals, a real full filesystem (tmpfs, needs root)."""
+"""Nothing lost on a local run (issue 6): kill -9, Ctrl-C / SIGTERM, a full disk, a removed run directory, two runs
+of one name at once. Real `python app.py` processes, real signals, a real full filesystem (tmpfs, needs root)."""
 
 import csv
 import errno
@@ -74,6 +74,10 @@ def logged_steps(run_dir: Path, tag: str = "train/loss_step") -> list[list[int]]
     return per_file
 
 
+def last_logged_step(run_dir: Path) -> int:
+    return max((step for steps in logged_steps(run_dir) for step in steps), default=-1)
+
+
 def completed(run_dir: Path, target_step: int) -> None:
     """The run in `run_dir` ended at `target_step` after EPOCHS epochs, one validation point per epoch."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -82,6 +86,27 @@ def completed(run_dir: Path, target_step: int) -> None:
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == target_step
     spe = target_step // EPOCHS
     assert sum(logged_steps(run_dir, "val/loss"), []) == [spe * epoch - 1 for epoch in range(1, EPOCHS + 1)]
+
+
+def test_kill_9_mid_epoch_then_the_same_command_resumes_from_the_last_epoch_end(white_dogs, tmp_path):
+    command = app(white_dogs, tmp_path, "data.max_per_class=30")  # 14 steps per epoch: time to land mid-epoch
+    run_dir = tmp_path / "tiny"
+    killed = launch(command, tmp_path, "killed")
+    wait_for((run_dir / "split.csv").is_file, killed)
+    spe = steps_per_epoch(run_dir)
+    wait_for(lambda: last_logged_step(run_dir) > 2 * spe, killed)  # two steps into the third epoch
+    killed.kill()
+    assert finish(killed, tmp_path, "killed")[0] == -signal.SIGKILL
+    saved, done = checkpoint_step(run_dir / "checkpoints" / "last.ckpt"), last_logged_step(run_dir) + 1
+    assert saved == 2 * spe < done  # killed mid-epoch: the steps since the last epoch end are lost
+
+    status, out, err = finish(launch(command, tmp_path, "again"), tmp_path, "again")
+    assert status == 0, err
+    assert f"Resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in out
+    completed(run_dir, EPOCHS * spe)
+    before, after = logged_steps(run_dir)
+    assert before == list(range(done)) and after == list(range(saved, EPOCHS * spe))  # the step goes on from saved
+    assert done - saved <= spe  # at most one checkpoint interval (an epoch) redone
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
