@@ -124,7 +124,9 @@ class MisclassifiedImages(pl.Callback):
 
 
 def _image_grid(cells: list[tuple[torch.Tensor, str]], image_size: int, title: str, columns: int = 4):
-    """A matplotlib figure: uint8 CHW images (center-cropped to `image_size`) with their captions."""
+    """A matplotlib figure: uint8 CHW images (center-cropped to `image_size`), each with its caption below.
+
+    One mosaic in one axes: a subplot per image made a 4 x 4 grid cost ~1 s per validation epoch, 0.3 s this way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,14 +135,18 @@ def _image_grid(cells: list[tuple[torch.Tensor, str]], image_size: int, title: s
 
     columns = max(1, min(columns, len(cells)))
     rows = max(1, -(-len(cells) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + 0.4), dpi=80, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, caption) in zip(axes.flat, cells):
-        ax.imshow(center_crop(image, [image_size, image_size]).permute(1, 2, 0).numpy())
-        ax.set_title(caption, fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    size, gap, caption_height = image_size, 4, image_size // 2  # pixels of the mosaic
+    mosaic = torch.full((3, rows * (size + caption_height), columns * (size + gap) + gap), 255, dtype=torch.uint8)
+    fig, ax = plt.subplots(figsize=(2.2 * columns, 2.5 * rows + 0.4), dpi=80)
+    ax.axis("off")
+    for k, (image, caption) in enumerate(cells):
+        row, column = divmod(k, columns)
+        top, left = row * (size + caption_height), gap + column * (size + gap)
+        mosaic[:, top : top + size, left : left + size] = center_crop(image, [size, size])
+        ax.text(left + size / 2, top + size + 2, caption, ha="center", va="top", fontsize=8)
+    ax.imshow(mosaic.permute(1, 2, 0).numpy())
+    ax.set_title(title, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95)
     return fig
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from dogclf.config import DataConfig
@@ -28,6 +29,7 @@ from dogclf.data import (
 from dogclf.data import cache as cache_module
 from dogclf.data.index import scan
 from dogclf.data.split import keep_score, split_samples, split_score
+from dogclf.data.transforms import shift_hue
 
 REAL_COUNTS = {"bichon_frise": 10, "maltese": 126, "samoyed": 1077, "spitz": 5}
 SIZE = 32
@@ -310,6 +312,44 @@ def test_color_jitter_keeps_white_fur_white() -> None:
     for _ in range(20):
         pixels = transform(white) * std + mean
         assert pixels.min() > 0.75 and (pixels.amax(0) - pixels.amin(0)).max() < 1e-3
+
+
+@pytest.mark.parametrize("hue", [-0.5, -0.02, 0.0, 0.013, 0.3, 0.5])
+def test_shift_hue_is_torchvisions_adjust_hue(hue: float) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(3, 40, 50)
+    x[:, :5] = x[0, :5]  # grey pixels: no hue
+    x[1, 5:10] = x[0, 5:10]  # red = green: the tie rules
+    x[2, 10:15] = x[1, 10:15]  # green = blue
+    torch.testing.assert_close(shift_hue(x, hue), TF.adjust_hue_image(x, hue), atol=1e-5, rtol=0)
+
+
+def test_train_augment_draws_like_torchvisions_v2_pipeline() -> None:
+    """Same crops, flips and jitter distribution as v2's RandomResizedCrop/RandomHorizontalFlip/ColorJitter: the
+    per-channel mean and spread over many draws agree (v2 truncates to uint8 after every jitter step: its mean is
+    lower by up to ~1/255 per step)."""
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    ours = build_train_transform(SIZE, crop_scale_min=0.5, color_jitter=0.2)
+    v2_pipeline = v2.Compose([
+        v2.RandomResizedCrop(SIZE, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.02),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    a, b = (torch.stack([t(image) for _ in range(1500)]) for t in (ours, v2_pipeline))
+    assert a.shape == b.shape == (1500, 3, SIZE, SIZE) and a.dtype == torch.float32
+    torch.testing.assert_close(a.mean((0, 2, 3)), b.mean((0, 2, 3)), atol=0.06, rtol=0)
+    torch.testing.assert_close(a.std((0, 2, 3)), b.std((0, 2, 3)), atol=0.02, rtol=0)
+
+
+def test_train_augment_flips_half_of_the_images() -> None:
+    torch.manual_seed(0)
+    dark_left = torch.zeros(3, 60, 60, dtype=torch.uint8)
+    dark_left[:, :, 30:] = 255
+    whole_image = build_train_transform(SIZE, crop_scale_min=1.0, color_jitter=0.0)  # a square: the crop is all of it
+    images = [whole_image(dark_left) for _ in range(400)]
+    left_brighter = [(x[..., : SIZE // 2].mean() > x[..., SIZE // 2 :].mean()).item() for x in images]
+    assert 0.42 < sum(left_brighter) / 400 < 0.58
 
 
 @pytest.mark.parametrize("sampler", ["sqrt", "balanced"])
