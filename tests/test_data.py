@@ -297,6 +297,22 @@ def test_loaders_yield_normalised_batches(small_root: Path) -> None:
     assert all(map(torch.equal, val, [images for images, _ in dm.val_dataloader()]))  # eval is deterministic
 
 
+def test_epochs_never_decode_a_jpeg(small_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images are decoded once, in setup; every epoch after that only augments the decoded tensors."""
+    dm = ready(data_config(small_root, batch_size=8))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a JPEG was decoded after setup")
+
+    monkeypatch.setattr(Image, "open", no_decoding)
+    monkeypatch.setattr(cache_module, "decode_image", no_decoding)
+    loader = dm.train_dataloader()
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        assert sum(len(labels) for _, labels in loader) == len(dm.splits["train"])
+    assert sum(len(labels) for _, labels in dm.val_dataloader()) == len(dm.splits["val"])
+
+
 def test_loader_with_worker_processes(small_root: Path) -> None:
     dm = ready(data_config(small_root, num_workers=1, batch_size=8))
     loader = dm.train_dataloader()

@@ -103,7 +103,8 @@ def assert_layout(run_dir: Path) -> None:
 
 
 def logged_steps(run_dir: Path, tag: str = "train/loss_step") -> list[list[int]]:
-    """Steps at which `tag` was logged, one list per event file (one file per attempt), in writing order."""
+    """Steps at which `tag` was logged, one list per event file holding it (a process writes one file for fitting,
+    then others for testing; a requeued job one per attempt), in writing order."""
     per_file = []
     for path in sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})

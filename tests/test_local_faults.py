@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_launch import logged_steps
 from test_train import TINY, tiny_job
 
 from dogclf.checkpointing import atomic_torch_save
@@ -60,18 +60,6 @@ def checkpoint_step(path: Path) -> int:
 def steps_per_epoch(run_dir: Path) -> int:
     with open(run_dir / "split.csv") as handle:
         return math.ceil(sum(row["split"] == "train" for row in csv.DictReader(handle)) / 4)
-
-
-def logged_steps(run_dir: Path, tag: str = "train/loss_step") -> list[list[int]]:
-    """The steps at which `tag` was logged, one list per TensorBoard event file holding it (a process writes one file
-    for fitting, then others for testing), oldest first."""
-    per_file = []
-    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        events.Reload()
-        if tag in events.Tags()["scalars"]:
-            per_file.append([event.step for event in events.Scalars(tag)])
-    return per_file
 
 
 def last_logged_step(run_dir: Path) -> int:
