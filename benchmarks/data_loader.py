@@ -39,7 +39,7 @@ from dogclf.data.cache import decode_image, load_images
 from dogclf.data.index import scan
 from dogclf.data.split import limit_per_class
 from dogclf.data.transforms import resize_size
-from dogclf.module import DogClassifier
+from dogclf.module import DogClassifier, build_adamw
 from dogclf.train import resolve_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -94,11 +94,7 @@ def step_rate(cfg: JobConfig, data: WhiteDogsDataModule, steps: int, device: tor
     module = DogClassifier(model_cfg=spec["model"], optim_cfg=spec["optim"], classes=data.classes,
                            class_counts=data.train_class_counts, image_size=cfg.data.image_size).to(device).train()
     model, optim = module.model, cfg.optim
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(  # as DogClassifier.configure_optimizers: no decay on 1-d tensors
-        [{"params": [p for p in trained if p.ndim > 1], "weight_decay": optim.weight_decay},
-         {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}],
-        lr=optim.lr, betas=tuple(optim.betas))
+    optimizer = build_adamw(model, spec["optim"], precision=precision)  # the optimiser training uses
     size, batch = cfg.data.image_size, cfg.data.batch_size
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(len(data.classes), (batch,), device=device)

@@ -174,21 +174,28 @@ class DogClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
-        # No weight decay on norms, biases and the SGU gate bias (1-d tensors), as in timm and DeiT.
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-            # One kernel for all parameters; fp16 loss scaling (a GradScaler) would refuse gradient clipping with it.
-            fused=self.trainer.precision != "16-mixed",
-        )
+        optimizer = build_adamw(self.model, cfg, precision=self.trainer.precision)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup_steps = int(total_steps * cfg["warmup_epochs"] / max(1, self.trainer.max_epochs))
         schedule = warmup_cosine(total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=cfg["min_lr_ratio"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def build_adamw(model: torch.nn.Module, optim_cfg: dict[str, Any], *, precision: str) -> torch.optim.AdamW:
+    """The training optimiser: AdamW without weight decay on norms, biases and the SGU gate bias (1-d tensors), as
+    timm and DeiT. Fused (one kernel for all parameters) unless fp16 loss scaling (`precision` 16-mixed: a GradScaler)
+    would refuse gradient clipping with it."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in trained if p.ndim > 1], "weight_decay": optim_cfg["weight_decay"]},
+            {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=optim_cfg["lr"],
+        betas=tuple(optim_cfg["betas"]),
+        fused=precision != "16-mixed",
+    )
 
 
 def _gather_outputs(outputs: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int):
