@@ -90,7 +90,7 @@ def report(cfg: JobConfig, timer: EpochTimes, call_start: float, call_end: float
     epochs, wall = timer.epochs, timer.epoch_seconds()
     lines = [
         "# End to end", "", machine_info(device), "",
-        (f"Job gmlp: {cfg.model.preset}, {cfg.data.image_size} px, batch {cfg.data.batch_size}, {cfg.data.sampler} "
+        (f"Job {cfg.name}: {cfg.model.preset}, {cfg.data.image_size} px, batch {cfg.data.batch_size}, {cfg.data.sampler} "
         f"sampler, num_workers {cfg.data.num_workers}, {precision} on {device.type}, max_per_class "
         f"{cfg.data.max_per_class}, data {cfg.data.root}."),
         ("Train s: epoch start to validation start (data loading included); epoch s: epoch start to the next epoch's "

@@ -126,7 +126,8 @@ class MisclassifiedImages(pl.Callback):
 def _image_grid(cells: list[tuple[torch.Tensor, str]], image_size: int, title: str, columns: int = 4):
     """A matplotlib figure: uint8 CHW images (center-cropped to `image_size`), each with its caption below.
 
-    One mosaic in one axes: a subplot per image made a 4 x 4 grid cost ~1 s per validation epoch, 0.3 s this way."""
+    One mosaic in one axes: a subplot per image made the default job's validation pass 0.7 s slower per epoch
+    (benchmarks/end_to_end.py, docs/performance.md)."""
     import matplotlib
 
     matplotlib.use("Agg")

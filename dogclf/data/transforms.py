@@ -30,7 +30,7 @@ class TrainAugment:
     normalisation; uint8 CHW in, float32 (3, S, S) out.
 
     The same random parameters and formulas as the v2 transforms, computed on a float image with torchvision's
-    kernels called directly and the hue shift in closed form: the training loader serves 1.8x the images per second
+    kernels called directly and the hue shift in closed form: the training loader serves 1.7x the images per second
     of the v2 pipeline, whose per-transform overhead, uint8 round trips and HSV conversion dominated
     (docs/performance.md). Without the uint8 truncation after each jitter step, the mean is no longer biased down.
     """
